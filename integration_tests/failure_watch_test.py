@@ -1,0 +1,96 @@
+"""When one rank fails, every other rank exits non-zero well inside the
+collective timeout, naming the failed rank."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from absl.testing import parameterized
+
+from keras.src import testing
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "failing_rank.py")
+TIMEOUT_SECONDS = 40
+
+
+def launch(world_size, failing_rank, how):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    processes = []
+    for rank in range(world_size):
+        env = dict(
+            os.environ,
+            KERAS_BACKEND="torch",
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            KERAS_DISTRIBUTION_TIMEOUT=str(TIMEOUT_SECONDS),
+            OMP_NUM_THREADS="1",
+        )
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, SCRIPT, str(failing_rank), how],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    return processes
+
+
+def wait_for_ready(process):
+    line = process.stdout.readline()
+    assert "ready" in line, line + process.stderr.read()
+
+
+def stop(process):
+    os.kill(process.pid, signal.SIGCONT)
+    process.kill()
+    return process.communicate()
+
+
+class FailureWatchTest(testing.TestCase):
+    @parameterized.parameters((2, 1), (4, 2), (4, 0))
+    def test_raising_rank_stops_the_others(self, world_size, failing_rank):
+        outputs = self.run_failure(world_size, failing_rank, "raise")
+        for rank, (status, seconds, stderr) in outputs.items():
+            self.assertNotEqual(status, 0, stderr)
+            self.assertLess(seconds, TIMEOUT_SECONDS / 2, stderr)
+            self.assertIn(
+                f"rank {failing_rank} failed: RuntimeError: failing on purpose",
+                stderr,
+            )
+
+    def test_frozen_rank_is_reported_by_its_watcher(self):
+        # Rank 0 watches rank 1's heartbeat, for half the timeout.
+        outputs = self.run_failure(4, 1, "freeze")
+        for rank, (status, seconds, stderr) in outputs.items():
+            self.assertNotEqual(status, 0, stderr)
+            self.assertLess(seconds, TIMEOUT_SECONDS * 0.75, stderr)
+            self.assertRegex(stderr, "rank 1 (failed: )?stopped responding")
+
+    def run_failure(self, world_size, failing_rank, how):
+        """Exit status, seconds after the failure and stderr of the others."""
+        processes = launch(world_size, failing_rank, how)
+        try:
+            for process in processes:
+                wait_for_ready(process)
+            failed_at = time.monotonic()
+            outputs = {}
+            for rank, process in enumerate(processes):
+                if rank == failing_rank:
+                    continue
+                _, stderr = process.communicate(timeout=TIMEOUT_SECONDS * 2)
+                seconds = time.monotonic() - failed_at
+                outputs[rank] = (process.returncode, seconds, stderr)
+            return outputs
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    stop(process)

@@ -1,0 +1,81 @@
+"""A regular (non-editable) install into a fresh virtual environment wires
+`keras.distribution` on torch, and uninstalling leaves Keras as it was."""
+
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from keras.src import testing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIST_DEVICES = "import keras; print(keras.distribution.list_devices())"
+WHICH_MODULE = (
+    "import keras; from keras.src.backend.torch import distribution_lib;"
+    " print(distribution_lib.__file__)"
+)
+
+
+def run(command, **kwargs):
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=600, **kwargs
+    )
+
+
+def snapshot(site_packages):
+    """Every file of the `keras` package with its hash, and the top level."""
+    files = {}
+    keras_dir = os.path.join(site_packages, "keras")
+    for path in glob.glob(f"{keras_dir}/**/*", recursive=True):
+        if os.path.isfile(path) and "__pycache__" not in path:
+            with open(path, "rb") as f:
+                files[path] = hashlib.sha256(f.read()).hexdigest()
+    return files, sorted(os.listdir(site_packages))
+
+
+class InstallTest(testing.TestCase):
+    def test_install_and_uninstall(self):
+        work = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, work)
+        # Build from a copy of the tracked files, not the working directory.
+        source = os.path.join(work, "source")
+        files = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO)
+        for name in files.stdout.split():
+            os.makedirs(os.path.dirname(os.path.join(source, name)), exist_ok=True)
+            shutil.copy(os.path.join(REPO, name), os.path.join(source, name))
+
+        venv = os.path.join(work, "venv")
+        run([sys.executable, "-m", "venv", venv]).check_returncode()
+        python = os.path.join(venv, "bin", "python")
+        pip = [python, "-m", "pip", "install", "-q"]
+        result = run(pip + ["torch==2.13.0", "keras==3.15.1"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        site_packages = run(
+            [python, "-c", "import keras, os; print(os.path.dirname(os.path.dirname(keras.__file__)))"]
+        ).stdout.strip()
+        env = dict(os.environ, KERAS_BACKEND="torch")
+        plain_keras = snapshot(site_packages)
+        plain = run([python, "-c", LIST_DEVICES], env=env, cwd=work)
+        self.assertIn("'NoneType' object has no attribute", plain.stderr)
+
+        result = run(pip + [source])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        wired = run([python, "-c", LIST_DEVICES], env=env, cwd=work)
+        self.assertEqual(wired.stdout, "['cpu:0']\n", wired.stderr)
+        module = run([python, "-c", WHICH_MODULE], env=env, cwd=work)
+        self.assertTrue(
+            module.stdout.startswith(
+                os.path.join(site_packages, "keras_torch_distribution", "")
+            ),
+            module.stdout + module.stderr,
+        )
+        self.assertEqual(snapshot(site_packages)[0], plain_keras[0])
+
+        result = run([python, "-m", "pip", "uninstall", "-y", "keras-torch-distribution"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(snapshot(site_packages), plain_keras)
+        unwired = run([python, "-c", LIST_DEVICES], env=env, cwd=work)
+        self.assertEqual(unwired.stderr, plain.stderr)

@@ -1,0 +1,63 @@
+"""Companion of `keras/src/distribution/distribution_lib.py`.
+
+Two upstream edits, both on behalf of the torch backend:
+
+- `TensorLayout._validate_axes` accepts a tuple of mesh axes for one tensor
+  dim (`(("batch", "model"), None)`), as JAX's `PartitionSpec` does; Keras
+  3.15 rejects it although the JAX backend could shard that way.
+- `LayoutMap.__getitem__` also matches each key against the PyTorch spelling
+  of the path (`dense.weight` for `dense/kernel`), so layout maps written for
+  PyTorch modules select the same variables.
+"""
+
+
+def _validate_axes(self):
+    """Stands for `TensorLayout._validate_axes`."""
+    from keras.src.backend.torch.distribution_lib import mesh_axes_of
+
+    if not self._device_mesh:
+        return
+    allowed = list(self._device_mesh.axis_names)
+    unknown = [
+        name
+        for axis in self._axes
+        for name in mesh_axes_of(axis)
+        if name not in allowed
+    ]
+    if unknown:
+        raise ValueError(
+            f"TensorLayout axes {self._axes} name {unknown}, which the "
+            f"device mesh does not have. Allowed axis names: {allowed}."
+        )
+
+
+def _layout_map_getitem(self, key):
+    """Stands for `LayoutMap.__getitem__`.
+
+    As upstream, an exact key wins, then every key is a regex that must
+    fully match; more than one matching key is an error. A key matches when
+    it matches the Keras path or its PyTorch spelling.
+    """
+    from keras.src.backend.torch.distribution_lib import TorchPathAdapter
+
+    if key in self._layout_map:
+        return self._layout_map[key]
+    matching_keys = [
+        pattern
+        for pattern in self._layout_map
+        if TorchPathAdapter.matches(pattern, key)
+    ]
+    if len(matching_keys) > 1:
+        raise ValueError(
+            f"Path '{key}' is matched by {len(matching_keys)} LayoutMap "
+            f"keys: {matching_keys}. A path may match at most one key; "
+            "make the keys more specific."
+        )
+    if matching_keys:
+        return self._layout_map[matching_keys[0]]
+    return None
+
+
+def apply(distribution_module):
+    distribution_module.TensorLayout._validate_axes = _validate_axes
+    distribution_module.LayoutMap.__getitem__ = _layout_map_getitem

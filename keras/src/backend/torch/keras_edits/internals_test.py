@@ -1,0 +1,46 @@
+import importlib.metadata
+
+import torch
+
+from keras.src import testing
+from keras.src.backend.torch.keras_edits import distribution_api
+from keras.src.backend.torch.keras_edits import internals
+from keras.src.backend.torch.keras_edits import torch_utils
+
+
+class InternalsTest(testing.TestCase):
+    def test_installed_versions_were_checked(self):
+        # A new Keras or torch fails here until this file has been reviewed.
+        self.assertIn(
+            importlib.metadata.version("keras"), internals.KERAS_CHECKED_VERSIONS
+        )
+        self.assertIn(
+            torch.__version__.split("+")[0], internals.TORCH_CHECKED_VERSIONS
+        )
+
+    def test_every_internal_resolves(self):
+        entries = internals.KERAS_USED + internals.TORCH_USED
+        entries += tuple(entry[:2] for entry in internals.KERAS_REPLACED)
+        for module_name, attribute in entries:
+            internals.resolve(module_name, attribute)
+
+    def test_replaced_internals_are_ours(self):
+        from keras.src.backend.torch import distribution_lib
+
+        ours = {
+            "distribution_lib": distribution_lib,
+            "TensorLayout._validate_axes": distribution_api._validate_axes,
+            "LayoutMap.__getitem__": distribution_api._layout_map_getitem,
+            "TorchModuleWrapper._track_module_parameters": (
+                torch_utils._track_module_parameters
+            ),
+        }
+        for module_name, attribute, _ in internals.KERAS_REPLACED:
+            self.assertIs(
+                internals.resolve(module_name, attribute), ours[attribute]
+            )
+
+    def test_supported_range_is_setup_py_range(self):
+        self.assertTrue(internals.is_supported_keras("3.15.1", internals.supported_keras_range()))
+        self.assertFalse(internals.is_supported_keras("3.16.0.dev0", internals.supported_keras_range()))
+        self.assertFalse(internals.is_supported_keras("3.14.0", internals.supported_keras_range()))
