@@ -6,7 +6,9 @@ import pytest
 
 os.environ["KERAS_BACKEND"] = "torch"
 
-REPO_KERAS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keras")
+REPO_KERAS_DIR = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "keras"
+)
 
 
 def pytest_configure(config):

@@ -49,7 +49,10 @@ class BuildPyWithStartupHook(build_py):
 
     def get_outputs(self, include_bytecode=1):
         outputs = super().get_outputs(include_bytecode)
-        return outputs + [os.path.join(self.build_lib, PTH_FILE), self._top_init()]
+        return outputs + [
+            os.path.join(self.build_lib, PTH_FILE),
+            self._top_init(),
+        ]
 
 
 def tree_packages():

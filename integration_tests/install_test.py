@@ -44,7 +44,9 @@ class InstallTest(testing.TestCase):
         source = os.path.join(work, "source")
         files = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO)
         for name in files.stdout.split():
-            os.makedirs(os.path.dirname(os.path.join(source, name)), exist_ok=True)
+            os.makedirs(
+                os.path.dirname(os.path.join(source, name)), exist_ok=True
+            )
             shutil.copy(os.path.join(REPO, name), os.path.join(source, name))
 
         venv = os.path.join(work, "venv")
@@ -54,7 +56,11 @@ class InstallTest(testing.TestCase):
         result = run(pip + ["torch==2.13.0", "keras==3.15.1"])
         self.assertEqual(result.returncode, 0, result.stderr)
         site_packages = run(
-            [python, "-c", "import keras, os; print(os.path.dirname(os.path.dirname(keras.__file__)))"]
+            [
+                python,
+                "-c",
+                "import sysconfig; print(sysconfig.get_path('purelib'))",
+            ]
         ).stdout.strip()
         env = dict(os.environ, KERAS_BACKEND="torch")
         plain_keras = snapshot(site_packages)
@@ -74,7 +80,9 @@ class InstallTest(testing.TestCase):
         )
         self.assertEqual(snapshot(site_packages)[0], plain_keras[0])
 
-        result = run([python, "-m", "pip", "uninstall", "-y", "keras-torch-distribution"])
+        result = run(
+            [python, "-m", "pip", "uninstall", "-y", "keras-torch-distribution"]
+        )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(snapshot(site_packages), plain_keras)
         unwired = run([python, "-c", LIST_DEVICES], env=env, cwd=work)

@@ -74,7 +74,9 @@ class LaunchTest(testing.TestCase):
         self.assertAllEqual(block, np.arange(8).reshape(4, 2))
 
     def test_initialize_from_arguments(self):
-        script = os.path.join(os.path.dirname(__file__), "explicit_initialize.py")
+        script = os.path.join(
+            os.path.dirname(__file__), "explicit_initialize.py"
+        )
         address = f"127.0.0.1:{free_port()}"
         processes = [
             subprocess.Popen(

@@ -47,7 +47,9 @@ COMPANIONS = {
 }
 
 # A Keras that ships this file has its own torch distribution support.
-KERAS_OWN_MODULE = os.path.join("src", "backend", "torch", "distribution_lib.py")
+KERAS_OWN_MODULE = os.path.join(
+    "src", "backend", "torch", "distribution_lib.py"
+)
 
 
 def overlay_packages(root=OVERLAY_ROOT):
@@ -66,8 +68,10 @@ def overlay_packages(root=OVERLAY_ROOT):
             continue
         if any(n.endswith(".py") and n != "__init__.py" for n in filenames):
             relative = os.path.relpath(dirpath, root)
-            name = "keras" if relative == "." else "keras." + relative.replace(
-                os.sep, "."
+            name = (
+                "keras"
+                if relative == "."
+                else "keras." + relative.replace(os.sep, ".")
             )
             packages[name] = dirpath
     return packages

@@ -77,7 +77,9 @@ class InstalledKerasTest(testing.TestCase):
     def test_overlay_comes_after_keras_own_files(self):
         locations = list(keras.src.backend.torch.__path__)
         self.assertEqual(locations[-1], OUR_TORCH_DIR)
-        self.assertTrue(locations[0].startswith(os.path.dirname(keras.__file__)))
+        self.assertTrue(
+            locations[0].startswith(os.path.dirname(keras.__file__))
+        )
 
     def test_overlay_packages_are_keras_packages(self):
         packages = distribution_graft.overlay_packages()
@@ -91,7 +93,9 @@ class StandInKerasTest(testing.TestCase):
     def write_stand_in(self, extra_files=()):
         root = self.get_temp_dir()
         for path, text in {**STAND_IN_KERAS, **dict(extra_files)}.items():
-            os.makedirs(os.path.join(root, os.path.dirname(path)), exist_ok=True)
+            os.makedirs(
+                os.path.join(root, os.path.dirname(path)), exist_ok=True
+            )
             with open(os.path.join(root, path), "w") as f:
                 f.write(textwrap.dedent(text))
         return root
@@ -120,7 +124,9 @@ class StandInKerasTest(testing.TestCase):
             pythonpath=root,
         )
         self.assertEqual(
-            result.stdout, f"{OUR_TORCH_DIR}/distribution_lib.py\n", result.stderr
+            result.stdout,
+            f"{OUR_TORCH_DIR}/distribution_lib.py\n",
+            result.stderr,
         )
 
     def test_steps_aside_for_keras_own_torch_module(self):
@@ -152,6 +158,8 @@ class StandInKerasTest(testing.TestCase):
             pythonpath=root,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
-        warning = r"supports keras(<3.16,>=3.15.1|>=3.15.1,<3.16) but keras 3.99.0"
+        warning = (
+            r"supports keras(<3.16,>=3.15.1|>=3.15.1,<3.16) but keras 3.99.0"
+        )
         self.assertRegex(result.stderr, warning)
         self.assertEqual(result.stderr.count("but keras 3.99.0"), 1)

@@ -9,7 +9,8 @@ mesh axis.
 
 Every rank is expected to hold the same global value when a tensor or
 variable is distributed (Keras seeds every rank alike, see `initialize`):
-each rank keeps its own block and nothing is communicated.
+each rank keeps its own block, so distributing a plain value communicates
+nothing.
 """
 
 import collections
@@ -76,12 +77,13 @@ def get_device_count(device_type=None):
 def initialize(job_addresses=None, num_processes=None, process_id=None):
     """Starts the default process group: one process per device.
 
-    Arguments win over the launcher's environment (`RANK`, `WORLD_SIZE`,
-    `MASTER_ADDR`, `MASTER_PORT`, as set by `torchrun`); when both are given
-    they must agree. Uses nccl when CUDA is available, gloo otherwise. A
-    no-op when the process group already runs (after checking the
-    arguments against it). Scripts launched by `torchrun` need not call it:
-    the first use of the distribution API initializes from the environment.
+    Each argument defaults to the launcher's environment (`RANK`,
+    `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`, as set by `torchrun`); when
+    both are given they must agree. Uses nccl when CUDA is available, gloo
+    otherwise. A no-op when the process group already runs (after checking
+    the arguments against it). Scripts launched by `torchrun` need not call
+    it: the first use of the distribution API initializes from the
+    environment.
 
     Collectives time out after `KERAS_DISTRIBUTION_TIMEOUT` seconds
     (default 600). When one rank fails, `failure_watch` stops the others.
@@ -167,10 +169,9 @@ def distribute_variable(value, layout, name=None):
     mesh, placements = _mesh_and_placements(layout)
     if not isinstance(value, DTensor):
         value = _as_local_tensor(value)
-        _check_rank(value.shape, layout)
-        if name is not None:
-            _warn_if_uneven(name, value.shape, mesh, placements)
     value = distribute_tensor(value.detach(), layout)
+    if name is not None:
+        _warn_if_uneven(name, value.shape, mesh, placements)
     block = value.to_local()
     if any(isinstance(p, Shard) for p in placements):
         block = block.clone()  # Own the block; let the full value go.
@@ -197,7 +198,8 @@ def distribute_data_input(per_process_batch, layout, batch_dim_name):
             data.
 
     Returns:
-        A `DTensor` for the global batch. Processes hold equal slices.
+        A `DTensor` for the global batch, assuming that every process holds
+        a slice of the same size.
     """
     mesh, placements = _mesh_and_placements(layout)
     batch = _as_local_tensor(per_process_batch)
@@ -246,12 +248,13 @@ def _to_backend_mesh(device_mesh):
     """
     device_type, ranks = _mesh_ranks(device_mesh)
     _ensure_process_group()
-    key = (device_type, ranks.shape, ranks.tobytes(), tuple(device_mesh.axis_names))
+    axis_names = tuple(device_mesh.axis_names)
+    key = (device_type, ranks.shape, ranks.tobytes(), axis_names)
     if key not in _torch_meshes:
         _torch_meshes[key] = TorchDeviceMesh(
             TORCH_DEVICE_TYPES[device_type],
             torch.from_numpy(ranks),
-            mesh_dim_names=tuple(device_mesh.axis_names),
+            mesh_dim_names=axis_names,
         )
     return _torch_meshes[key]
 
@@ -395,11 +398,10 @@ def parallelize_module(module, layout_map, module_path):
     """
     plan, mesh_axes = {}, set()
     for name, submodule in module.named_modules():
-        weight_path = "/".join([module_path, *name.split("."), "weight"])
-        layout = layout_map[weight_path] if name else None
-        if layout is None:
-            continue
-        style = infer_parallel_style(submodule, layout.axes)
+        if not name:
+            continue  # `module` itself.
+        layout = layout_map["/".join([module_path, *name.split("."), "weight"])]
+        style = layout and infer_parallel_style(submodule, layout.axes)
         if style is not None:
             plan[name] = style
             mesh_axes.update(a for a in layout.axes if a is not None)
@@ -449,8 +451,7 @@ def process_group_settings(job_addresses, num_processes, process_id, environ):
     if addresses:
         if not re.fullmatch(r"[^:]+:\d+", addresses[0]):
             raise ValueError(
-                f"The coordinator address {addresses[0]!r} must be "
-                "'host:port'."
+                f"The coordinator address {addresses[0]!r} must be 'host:port'."
             )
         init_method = f"tcp://{addresses[0]}"
     elif "MASTER_ADDR" in environ and "MASTER_PORT" in environ:
@@ -509,7 +510,8 @@ def _check_running_group(num_processes, process_id):
 
 
 def _initialize_from_launcher():
-    if not dist.is_initialized() and all(k in os.environ for k in LAUNCHER_ENV):
+    launched = all(name in os.environ for name in LAUNCHER_ENV)
+    if launched and not dist.is_initialized():
         initialize()
 
 
@@ -599,7 +601,8 @@ def _mesh_and_placements(layout):
             f"Expected a keras.distribution.TensorLayout; got {layout!r} of "
             f"type {type(layout).__name__}."
         )
-    return layout.device_mesh.backend_mesh, layout.backend_layout
+    placements = layout.backend_layout  # Checks the layout and its mesh.
+    return layout.device_mesh.backend_mesh, placements
 
 
 def _check_rank(shape, layout):

@@ -274,7 +274,9 @@ class MeshAndLayoutTest(testing.TestCase):
     def test_to_backend_layout(self, axes, placements):
         mesh = DeviceMesh(*MESH_2X2, [f"cpu:{i}" for i in range(4)])
         layout = TensorLayout(axes, mesh)
-        self.assertEqual(distribution_lib._to_backend_layout(layout), placements)
+        self.assertEqual(
+            distribution_lib._to_backend_layout(layout), placements
+        )
 
     @parameterized.named_parameters(
         ("unknown_axis", ("batch", "data"), "'data'.*Allowed axis names"),
@@ -439,7 +441,8 @@ class ProcessGroupSettingsTest(testing.TestCase):
 
     def test_from_arguments(self):
         self.assertEqual(
-            self.settings("10.0.0.1:1234", 4, 3), ("tcp://10.0.0.1:1234", 4, 3, 3)
+            self.settings("10.0.0.1:1234", 4, 3),
+            ("tcp://10.0.0.1:1234", 4, 3, 3),
         )
 
     def test_address_list_gives_count(self):
@@ -470,7 +473,9 @@ class ProcessGroupSettingsTest(testing.TestCase):
 
     def test_collective_timeout(self):
         os.environ.pop(distribution_lib.TIMEOUT_ENV, None)
-        self.assertEqual(distribution_lib.collective_timeout().total_seconds(), 600)
+        self.assertEqual(
+            distribution_lib.collective_timeout().total_seconds(), 600
+        )
         for value, expected in (("45", 45), ("0.5", 0.5)):
             os.environ[distribution_lib.TIMEOUT_ENV] = value
             self.assertEqual(
@@ -501,7 +506,9 @@ class ParallelStyleTest(testing.TestCase):
     def test_parallelize_module_matches_single_process(self):
         for result in run_on_processes(2, _parallelized_mlp_output):
             plan, first, second, first_block, expected, output = result
-            self.assertEqual(plan, {"0": "ColwiseParallel", "2": "RowwiseParallel"})
+            self.assertEqual(
+                plan, {"0": "ColwiseParallel", "2": "RowwiseParallel"}
+            )
             self.assertEqual(first, (Shard(0),))
             self.assertEqual(second, (Shard(1),))
             self.assertEqual(first_block, (8, 8))

@@ -55,7 +55,9 @@ class TorchPathAdapterTest(testing.TestCase):
         ("dense/output", "dense.output"),
     )
     def test_keras_to_torch(self, keras_path, torch_path):
-        self.assertEqual(TorchPathAdapter.keras_to_torch(keras_path), torch_path)
+        self.assertEqual(
+            TorchPathAdapter.keras_to_torch(keras_path), torch_path
+        )
 
 
 class LayoutMapTest(testing.TestCase):
@@ -63,7 +65,11 @@ class LayoutMapTest(testing.TestCase):
         ("keras_style", ".*encoder/fc1/kernel", "model/encoder/fc1/kernel"),
         ("torch_style", "model.encoder.fc1.weight", "model/encoder/fc1/kernel"),
         ("torch_regex", r".*fc1\.weight", "model/encoder/fc1/kernel"),
-        ("embedding_torch", "model.embedding.weight", "model/embedding/embeddings"),
+        (
+            "embedding_torch",
+            "model.embedding.weight",
+            "model/embedding/embeddings",
+        ),
         ("norm_gamma_torch", "model.norm.weight", "model/norm/gamma"),
         ("norm_beta_keras", ".*/norm/beta", "model/norm/beta"),
         ("running_var", ".*running_var", "model/batch_norm/moving_variance"),
@@ -92,8 +98,12 @@ class LayoutMapTest(testing.TestCase):
         self.assertIsNone(layout_map({".*fc9.weight": (None,)})["fc1/kernel"])
 
     def test_tensor_layout_with_axis_tuples(self):
-        mesh = DeviceMesh((2, 2), ["batch", "model"], [f"cpu:{i}" for i in range(4)])
+        mesh = DeviceMesh(
+            (2, 2), ["batch", "model"], [f"cpu:{i}" for i in range(4)]
+        )
         layout = TensorLayout((("batch", "model"), None), mesh)
         self.assertEqual(layout.axes, (("batch", "model"), None))
-        with self.assertRaisesRegex(ValueError, r"\['data'\].*\['batch', 'model'\]"):
+        with self.assertRaisesRegex(
+            ValueError, r"\['data'\].*\['batch', 'model'\]"
+        ):
             TensorLayout(("data", None), mesh)

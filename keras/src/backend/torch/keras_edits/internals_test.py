@@ -12,7 +12,8 @@ class InternalsTest(testing.TestCase):
     def test_installed_versions_were_checked(self):
         # A new Keras or torch fails here until this file has been reviewed.
         self.assertIn(
-            importlib.metadata.version("keras"), internals.KERAS_CHECKED_VERSIONS
+            importlib.metadata.version("keras"),
+            internals.KERAS_CHECKED_VERSIONS,
         )
         self.assertIn(
             torch.__version__.split("+")[0], internals.TORCH_CHECKED_VERSIONS
@@ -41,6 +42,18 @@ class InternalsTest(testing.TestCase):
             )
 
     def test_supported_range_is_setup_py_range(self):
-        self.assertTrue(internals.is_supported_keras("3.15.1", internals.supported_keras_range()))
-        self.assertFalse(internals.is_supported_keras("3.16.0.dev0", internals.supported_keras_range()))
-        self.assertFalse(internals.is_supported_keras("3.14.0", internals.supported_keras_range()))
+        self.assertTrue(
+            internals.is_supported_keras(
+                "3.15.1", internals.supported_keras_range()
+            )
+        )
+        self.assertFalse(
+            internals.is_supported_keras(
+                "3.16.0.dev0", internals.supported_keras_range()
+            )
+        )
+        self.assertFalse(
+            internals.is_supported_keras(
+                "3.14.0", internals.supported_keras_range()
+            )
+        )

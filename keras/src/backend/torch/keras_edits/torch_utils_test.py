@@ -12,7 +12,12 @@ class TorchModuleWrapperTest(testing.TestCase):
         wrapper = keras.layers.TorchModuleWrapper(module, name="encoder")
         self.assertEqual(
             [v.path for v in wrapper.variables],
-            ["encoder/0/weight", "encoder/0/bias", "encoder/2/weight", "encoder/2/bias"],
+            [
+                "encoder/0/weight",
+                "encoder/0/bias",
+                "encoder/2/weight",
+                "encoder/2/bias",
+            ],
         )
         # Each variable still wraps the module's own parameter.
         for variable, parameter in zip(wrapper.variables, module.parameters()):
