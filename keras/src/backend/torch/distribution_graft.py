@@ -41,6 +41,27 @@ COMPANIONS = {
     "keras.src.distribution.distribution_lib": (
         "keras.src.backend.torch.keras_edits.distribution_api"
     ),
+    "keras.src.backend.torch.core": (
+        "keras.src.backend.torch.keras_edits.torch_core"
+    ),
+    "keras.src.backend.torch.nn": (
+        "keras.src.backend.torch.keras_edits.torch_nn"
+    ),
+    "keras.src.backend.torch.numpy": (
+        "keras.src.backend.torch.keras_edits.torch_numpy"
+    ),
+    "keras.src.backend.torch.trainer": (
+        "keras.src.backend.torch.keras_edits.torch_trainer"
+    ),
+    "keras.src.callbacks.csv_logger": (
+        "keras.src.backend.torch.keras_edits.csv_logger"
+    ),
+    "keras.src.trainers.data_adapters": (
+        "keras.src.backend.torch.keras_edits.data_adapters"
+    ),
+    "keras.src.utils.io_utils": (
+        "keras.src.backend.torch.keras_edits.io_utils"
+    ),
     "keras.src.utils.torch_utils": (
         "keras.src.backend.torch.keras_edits.torch_utils"
     ),
@@ -141,12 +162,33 @@ class KerasOverlayFinder(importlib.abc.MetaPathFinder):
 
 
 class CompanionHook:
-    """Applies one companion module to the Keras module it stands beside."""
+    """Applies one companion module to the Keras module it stands beside.
+
+    Companions live in `keras.src.backend.torch`, which can only be imported
+    once `keras.src.backend` is; companions of Keras modules imported before
+    that (`keras.src.utils.io_utils` is imported by Keras's backend config)
+    wait for it.
+    """
+
+    pending = []
+    backend_ready = False
 
     def __init__(self, companion_name):
         self.companion_name = companion_name
 
     def __call__(self, keras_module):
+        if keras_module.__name__ == "keras.src.backend":
+            self.apply(keras_module)
+            CompanionHook.backend_ready = True
+            while CompanionHook.pending:
+                hook, module = CompanionHook.pending.pop(0)
+                hook.apply(module)
+        elif CompanionHook.backend_ready:
+            self.apply(keras_module)
+        else:
+            CompanionHook.pending.append((self, keras_module))
+
+    def apply(self, keras_module):
         if torch_backend_selected():
             companion = importlib.import_module(self.companion_name)
             companion.apply(keras_module)

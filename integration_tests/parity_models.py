@@ -1,0 +1,124 @@
+"""Small models, data and layout maps shared by the parity tests.
+
+Every builder is deterministic given Keras's random seed, so a run on N
+processes and a run on one process start from the same weights.
+"""
+
+import numpy as np
+
+import keras
+
+NUM_CLASSES = 4
+SEQUENCE_LENGTH = 8
+VOCABULARY = 32
+
+
+def mlp():
+    return keras.Sequential(
+        [
+            keras.Input((12,)),
+            keras.layers.Dense(32, activation="relu", name="up"),
+            keras.layers.Dense(NUM_CLASSES, name="down"),
+        ],
+        name="mlp",
+    )
+
+
+def mlp_layouts(layout_map):
+    layout_map["mlp/up/kernel"] = (None, "model")
+    layout_map["mlp/up/bias"] = ("model",)
+    layout_map["mlp/down/kernel"] = ("model", None)
+
+
+def cnn():
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(8, 3, padding="same", name="conv_in"),
+            keras.layers.BatchNormalization(name="norm"),
+            keras.layers.Activation("relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Conv2D(8, 3, padding="same", name="conv_out"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(NUM_CLASSES, name="head"),
+        ],
+        name="cnn",
+    )
+
+
+def cnn_layouts(layout_map):
+    layout_map["cnn/conv_in/kernel"] = (None, None, None, "model")
+    layout_map["cnn/conv_in/bias"] = ("model",)
+    layout_map["cnn/norm/.*"] = ("model",)
+    layout_map["cnn/conv_out/kernel"] = (None, None, "model", None)
+
+
+def transformer(dropout=0.0):
+    tokens = keras.Input((SEQUENCE_LENGTH,), dtype="int32")
+    x = keras.layers.Embedding(VOCABULARY, 16, name="embedding")(tokens)
+    h = keras.layers.LayerNormalization(name="attention_norm")(x)
+    h = keras.layers.MultiHeadAttention(
+        num_heads=2, key_dim=8, dropout=dropout, name="attention"
+    )(h, h)
+    x = x + h
+    h = keras.layers.LayerNormalization(name="ffn_norm")(x)
+    h = keras.layers.Dense(32, activation="gelu", name="ffn_up")(h)
+    h = keras.layers.Dropout(dropout)(h)
+    h = keras.layers.Dense(16, name="ffn_down")(h)
+    x = x + h
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    outputs = keras.layers.Dense(NUM_CLASSES, name="head")(x)
+    return keras.Model(tokens, outputs, name="transformer")
+
+
+def transformer_layouts(layout_map):
+    """Megatron: q/k/v and the first FFN kernel split their outputs, the
+    attention output and second FFN kernel their inputs."""
+    layout_map["embedding/embeddings"] = (None, "model")
+    layout_map["attention/(query|key|value)/kernel"] = (None, "model", None)
+    layout_map["attention/(query|key|value)/bias"] = ("model", None)
+    layout_map["attention/attention_output/kernel"] = ("model", None, None)
+    layout_map["ffn_up/kernel"] = (None, "model")
+    layout_map["ffn_up/bias"] = ("model",)
+    layout_map["ffn_down/kernel"] = ("model", None)
+
+
+MODELS = {
+    "mlp": (mlp, mlp_layouts),
+    "cnn": (cnn, cnn_layouts),
+    "transformer": (transformer, transformer_layouts),
+}
+
+
+def data(model_name, samples=32):
+    rng = np.random.RandomState(0)
+    labels = rng.randint(0, NUM_CLASSES, size=(samples,))
+    if model_name == "mlp":
+        features = rng.randn(samples, 12).astype("float32")
+    elif model_name == "cnn":
+        features = rng.randn(samples, 8, 8, 3).astype("float32")
+    else:
+        features = rng.randint(0, VOCABULARY, (samples, SEQUENCE_LENGTH))
+    return features, labels
+
+
+def optimizer(name, **options):
+    if name == "sgd":
+        return keras.optimizers.SGD(0.1, momentum=0.9, **options)
+    if name == "adam":
+        return keras.optimizers.Adam(0.01, **options)
+    return keras.optimizers.AdamW(0.01, weight_decay=0.05, **options)
+
+
+def distribution(name, model_name):
+    """`None`, `"data"`, `"model"` (1 x N) or `"2d"` (2 x N/2)."""
+    if name is None:
+        return None
+    devices = keras.distribution.list_devices()
+    if name == "data":
+        return keras.distribution.DataParallel(devices=devices)
+    shape = (1, len(devices)) if name == "model" else (2, len(devices) // 2)
+    mesh = keras.distribution.DeviceMesh(shape, ["batch", "model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    MODELS[model_name][1](layout_map)
+    return keras.distribution.ModelParallel(layout_map=layout_map)

@@ -1,0 +1,86 @@
+"""Companion of `keras/src/backend/torch/core.py`.
+
+Upstream, the torch `Variable` consults the distribution the way the JAX
+one does, and `convert_to_numpy` returns global values:
+
+- A variable created under a distribution, or given a `layout`, holds a
+  DTensor laid out by `distribution.get_variable_layout(variable)` (its own
+  `_layout` wins, so optimizer slots follow their variable).
+- Assigning keeps the layout, from any global value or DTensor.
+- `convert_to_numpy` (hence `variable.numpy()`, `get_weights()`,
+  `predict`) gathers a DTensor's full value. It is a collective: every rank
+  calls it, as every rank runs the same Keras program.
+"""
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def variable_layout(variable):
+    """The `TensorLayout` for `variable`, or None to keep it a plain tensor."""
+    from keras.src.backend.common import global_state
+
+    if variable._layout is not None:
+        return variable._layout
+    distribution = global_state.get_global_attribute("distribution")
+    if distribution is None:
+        return None
+    return distribution.get_variable_layout(variable)
+
+
+def _initialize(self, value):
+    """Stands for `Variable._initialize`."""
+    from keras.src.backend.torch import distribution_lib
+    from keras.src.backend.torch import dtensor_ops
+    from keras.src.backend.torch.core import convert_to_tensor
+    from keras.src.backend.torch.core import get_device
+
+    if isinstance(value, torch.nn.Parameter):
+        self._value = value  # Reuse the parameter, as upstream.
+        return
+    value = convert_to_tensor(value, dtype=self._dtype)
+    self._shape = self._validate_shape(value.shape)
+    self._layout = variable_layout(self)
+    if self._layout is None:
+        value = value.to(get_device())
+    else:
+        dtensor_ops.install()
+        value = distribution_lib.distribute_variable(
+            value, self._layout, name=self.path
+        )
+    self._value = torch.nn.Parameter(value, requires_grad=self.trainable)
+
+
+def _direct_assign(self, value):
+    """Stands for `Variable._direct_assign`."""
+    from keras.src.backend.torch import distribution_lib
+
+    if isinstance(self._value, DTensor):
+        value = distribution_lib.distribute_tensor(value, self._layout)
+    with torch.no_grad():
+        self.value.copy_(value)
+
+
+def convert_to_numpy(x):
+    """Stands for `convert_to_numpy`: a DTensor gives its full value."""
+    if isinstance(x, (list, tuple)):
+        return _original_convert_to_numpy([_gathered(e) for e in x])
+    return _original_convert_to_numpy(_gathered(x))
+
+
+def _gathered(x):
+    if isinstance(x, DTensor):
+        return x.full_tensor()
+    return x
+
+
+_original_convert_to_numpy = None
+
+
+def apply(core_module):
+    global _original_convert_to_numpy
+    if _original_convert_to_numpy is None:
+        _original_convert_to_numpy = core_module.convert_to_numpy
+    core_module.convert_to_numpy = convert_to_numpy
+    core_module.Variable._initialize = _initialize
+    core_module.Variable._direct_assign = _direct_assign

@@ -1,0 +1,71 @@
+"""Companion of `keras/src/backend/torch/trainer.py`.
+
+Upstream, `TorchTrainer`'s step functions distribute each batch the way the
+JAX trainer does: with a distribution set, every input array becomes a
+DTensor laid out by `distribution.get_data_layout(shape)`, and the step runs
+with plain tensors treated as replicated. Variables are DTensors already
+(see `torch_core`), so DTensor's sharding propagation inserts every
+collective; logs and predictions come out as global values through
+`convert_to_numpy`.
+
+`batch_size` is the global batch, as on JAX: every rank iterates the same
+global batches (the same seed gives the same shuffle) and keeps its own
+block of each.
+"""
+
+import functools
+
+
+def distribute_batch(data, distribution):
+    """Lays out every tensor of a global batch by the distribution."""
+    from keras.src import tree
+    from keras.src.backend.torch import distribution_lib
+
+    def distribute(value):
+        if value is None:
+            return None
+        layout = distribution.get_data_layout(value.shape)
+        return distribution_lib.distribute_tensor(value, layout)
+
+    return tree.map_structure(distribute, data)
+
+
+def distributed_step(step_function):
+    """Wraps a step function so that it runs on distributed data."""
+    from keras.src.backend.common import global_state
+    from keras.src.backend.torch import dtensor_ops
+
+    @functools.wraps(step_function)
+    def step(data):
+        distribution = global_state.get_global_attribute("distribution")
+        if distribution is None:
+            return step_function(data)
+        with dtensor_ops.implicit_replication():
+            return step_function(distribute_batch(data, distribution))
+
+    step.keras_distributed = True
+    return step
+
+
+def _make_distributed(make_function, attribute):
+    @functools.wraps(make_function)
+    def make(self, force=False):
+        make_function(self, force=force)
+        function = getattr(self, attribute)
+        if not getattr(function, "keras_distributed", False):
+            setattr(self, attribute, distributed_step(function))
+        return getattr(self, attribute)
+
+    return make
+
+
+def apply(trainer_module):
+    trainer = trainer_module.TorchTrainer
+    for kind in ("train", "test", "predict"):
+        name = f"make_{kind}_function"
+        original = getattr(trainer, name)
+        if getattr(original, "keras_distributed", False):
+            continue
+        made = _make_distributed(original, f"{kind}_function")
+        made.keras_distributed = True
+        setattr(trainer, name, made)
