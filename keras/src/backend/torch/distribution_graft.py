@@ -164,29 +164,28 @@ class KerasOverlayFinder(importlib.abc.MetaPathFinder):
 class CompanionHook:
     """Applies one companion module to the Keras module it stands beside.
 
-    Companions live in `keras.src.backend.torch`, which can only be imported
-    once `keras.src.backend` is; companions of Keras modules imported before
-    that (`keras.src.utils.io_utils` is imported by Keras's backend config)
-    wait for it.
+    Companions live in `keras.src.backend.torch`. A Keras module imported
+    before that package exists (`keras.src.utils.io_utils`, imported by
+    Keras's backend config) waits until `keras.src.backend` is imported;
+    the others are changed right away, before any other module binds their
+    names (`keras.src.backend` binds `convert_to_numpy` from
+    `keras.src.backend.torch.core`).
     """
 
     pending = []
-    backend_ready = False
 
     def __init__(self, companion_name):
         self.companion_name = companion_name
 
     def __call__(self, keras_module):
+        if "keras.src.backend.torch" not in sys.modules:
+            CompanionHook.pending.append((self, keras_module))
+            return
+        self.apply(keras_module)
         if keras_module.__name__ == "keras.src.backend":
-            self.apply(keras_module)
-            CompanionHook.backend_ready = True
             while CompanionHook.pending:
                 hook, module = CompanionHook.pending.pop(0)
                 hook.apply(module)
-        elif CompanionHook.backend_ready:
-            self.apply(keras_module)
-        else:
-            CompanionHook.pending.append((self, keras_module))
 
     def apply(self, keras_module):
         if torch_backend_selected():

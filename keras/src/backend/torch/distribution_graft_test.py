@@ -29,6 +29,8 @@ STAND_IN_KERAS = {
     "keras/src/backend/__init__.py": """
         from keras.src.backend.config import backend
 
+        if backend() == "torch":
+            from keras.src.backend import torch
         distribution_lib = None
     """,
     "keras/src/backend/torch/__init__.py": "",

@@ -1,6 +1,6 @@
 """Makes every op that Keras layers run work on DTensors.
 
-Three gaps between Keras's torch code and DTensor, closed here:
+The gaps between Keras's torch code and DTensor, closed here:
 
 - Keras mixes plain tensors (inputs of symbolic builds, constants, masks,
   loss scales) with variables. DTensor refuses such a mix unless implicit
@@ -20,9 +20,10 @@ Three gaps between Keras's torch code and DTensor, closed here:
   optimizer adding a partial-sum gradient to a 2-D sharded weight). The
   fallback replicates the inputs of such a call and propagates again; an
   in-place call instead gets its operands laid out like the tensor it
-  updates, which must keep its layout. And a view that is valid on the global tensor can be
-  invalid on a local shard whose strides differ (seen in einsum backward):
-  views of sharded tensors run as reshapes, which copy only then.
+  updates, which must keep its layout.
+- A view that is valid on the global tensor can be invalid on a local
+  shard whose strides differ (seen in einsum backward): views of sharded
+  tensors run as reshapes, which copy only then.
 """
 
 import contextlib
@@ -175,9 +176,15 @@ def _propagate_aligned(propagate, op_schema, error):
     updated = op_schema.args_schema[0]
 
     def aligned(spec, target):
-        if isinstance(spec, (list, tuple)) and isinstance(target, (list, tuple)):
+        if isinstance(spec, (list, tuple)) and isinstance(
+            target, (list, tuple)
+        ):
             return type(spec)(aligned(s, t) for s, t in zip(spec, target))
-        if _is_tensor(spec) and _is_tensor(target) and spec.shape == target.shape:
+        if (
+            _is_tensor(spec)
+            and _is_tensor(target)
+            and spec.shape == target.shape
+        ):
             return DTensorSpec(spec.mesh, target.placements, spec.tensor_meta)
         return _replicated_spec(spec)
 
@@ -196,7 +203,9 @@ def _propagate_replicated(propagate, op_schema, error):
 def _propagate_with_inputs(propagate, op_schema, args, error):
     """Propagates `op_schema` as if its inputs were laid out as `args`, and
     has the dispatcher redistribute them so; on failure `error` stands."""
-    kwargs = {k: _replicated_spec(v) for k, v in op_schema.kwargs_schema.items()}
+    kwargs = {
+        k: _replicated_spec(v) for k, v in op_schema.kwargs_schema.items()
+    }
     schema = OpSchema(
         op_schema.op, args, kwargs, schema_info=op_schema.schema_info
     )
@@ -247,9 +256,7 @@ def _attention_strategy(outputs, inputs, op_schema):
     for dim in (0, 1):
         single_axis.append([Shard(dim)] * (outputs + inputs))
     if mask_spec is not None:
-        masks = [r] + [
-            _mask_placement(mask_spec.shape, dim) for dim in (0, 1)
-        ]
+        masks = [r] + [_mask_placement(mask_spec.shape, dim) for dim in (0, 1)]
         single_axis = [option + [m] for option, m in zip(single_axis, masks)]
 
     def keeps_mask_layout(input_specs, output_specs):

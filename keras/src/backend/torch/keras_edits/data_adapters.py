@@ -8,44 +8,44 @@ global batches, and the trainer gives each rank its block of every batch
 (see `torch_trainer`).
 """
 
-_original_get_data_adapter = None
+from keras.src.backend.torch.keras_edits import edit
 
 
-def get_data_adapter(
-    x,
-    y=None,
-    sample_weight=None,
-    batch_size=None,
-    steps_per_epoch=None,
-    shuffle=False,
-    class_weight=None,
-):
-    """Stands for `get_data_adapter`."""
-    from keras.src.trainers.data_adapters import array_data_adapter
-
-    if array_data_adapter.can_convert_arrays((x, y, sample_weight)):
-        return array_data_adapter.ArrayDataAdapter(
-            x,
-            y,
-            sample_weight=sample_weight,
-            class_weight=class_weight,
-            shuffle=shuffle,
-            batch_size=batch_size,
-            steps=steps_per_epoch,
-        )
-    return _original_get_data_adapter(
+def _get_data_adapter(upstream):
+    def get_data_adapter(
         x,
-        y=y,
-        sample_weight=sample_weight,
-        batch_size=batch_size,
-        steps_per_epoch=steps_per_epoch,
-        shuffle=shuffle,
-        class_weight=class_weight,
-    )
+        y=None,
+        sample_weight=None,
+        batch_size=None,
+        steps_per_epoch=None,
+        shuffle=False,
+        class_weight=None,
+    ):
+        """Stands for `get_data_adapter`."""
+        from keras.src.trainers.data_adapters import array_data_adapter
+
+        if array_data_adapter.can_convert_arrays((x, y, sample_weight)):
+            return array_data_adapter.ArrayDataAdapter(
+                x,
+                y,
+                sample_weight=sample_weight,
+                class_weight=class_weight,
+                shuffle=shuffle,
+                batch_size=batch_size,
+                steps=steps_per_epoch,
+            )
+        return upstream(
+            x,
+            y=y,
+            sample_weight=sample_weight,
+            batch_size=batch_size,
+            steps_per_epoch=steps_per_epoch,
+            shuffle=shuffle,
+            class_weight=class_weight,
+        )
+
+    return get_data_adapter
 
 
 def apply(data_adapters_module):
-    global _original_get_data_adapter
-    if _original_get_data_adapter is None:
-        _original_get_data_adapter = data_adapters_module.get_data_adapter
-    data_adapters_module.get_data_adapter = get_data_adapter
+    edit(data_adapters_module, "get_data_adapter", _get_data_adapter)

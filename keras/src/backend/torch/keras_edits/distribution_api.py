@@ -10,6 +10,8 @@ Two upstream edits, both on behalf of the torch backend:
   PyTorch modules select the same variables.
 """
 
+from keras.src.backend.torch.keras_edits import edit
+
 
 def _validate_axes(self):
     """Stands for `TensorLayout._validate_axes`."""
@@ -59,5 +61,9 @@ def _layout_map_getitem(self, key):
 
 
 def apply(distribution_module):
-    distribution_module.TensorLayout._validate_axes = _validate_axes
-    distribution_module.LayoutMap.__getitem__ = _layout_map_getitem
+    layout, layout_map = (
+        distribution_module.TensorLayout,
+        distribution_module.LayoutMap,
+    )
+    edit(layout, "_validate_axes", lambda upstream: _validate_axes)
+    edit(layout_map, "__getitem__", lambda upstream: _layout_map_getitem)

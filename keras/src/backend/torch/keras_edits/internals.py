@@ -16,6 +16,34 @@ TORCH_CHECKED_VERSIONS = ("2.13.0",)
 KERAS_REPLACED = (
     # (module, attribute, companion in keras_edits)
     ("keras.src.backend", "distribution_lib", "backend_init"),
+    ("keras.src.backend.torch.core", "Variable._initialize", "torch_core"),
+    ("keras.src.backend.torch.core", "Variable._direct_assign", "torch_core"),
+    ("keras.src.backend.torch.core", "convert_to_numpy", "torch_core"),
+    ("keras.src.backend.torch.nn", "dot_product_attention", "torch_nn"),
+    ("keras.src.backend.torch.numpy", "take", "torch_numpy"),
+    ("keras.src.backend.torch.numpy", "take_along_axis", "torch_numpy"),
+    (
+        "keras.src.backend.torch.trainer",
+        "TorchTrainer.make_train_function",
+        "torch_trainer",
+    ),
+    (
+        "keras.src.backend.torch.trainer",
+        "TorchTrainer.make_test_function",
+        "torch_trainer",
+    ),
+    (
+        "keras.src.backend.torch.trainer",
+        "TorchTrainer.make_predict_function",
+        "torch_trainer",
+    ),
+    (
+        "keras.src.callbacks.csv_logger",
+        "CSVLogger.on_train_begin",
+        "csv_logger",
+    ),
+    ("keras.src.callbacks.csv_logger", "CSVLogger.on_epoch_end", "csv_logger"),
+    ("keras.src.callbacks.csv_logger", "CSVLogger.on_train_end", "csv_logger"),
     (
         "keras.src.distribution.distribution_lib",
         "TensorLayout._validate_axes",
@@ -27,6 +55,12 @@ KERAS_REPLACED = (
         "distribution_api",
     ),
     (
+        "keras.src.trainers.data_adapters",
+        "get_data_adapter",
+        "data_adapters",
+    ),
+    ("keras.src.utils.io_utils", "print_msg", "io_utils"),
+    (
         "keras.src.utils.torch_utils",
         "TorchModuleWrapper._track_module_parameters",
         "torch_utils",
@@ -37,9 +71,20 @@ KERAS_REPLACED = (
 KERAS_USED = (
     # The reference that keras.distribution's functions call through.
     ("keras.src.distribution.distribution_lib", "distribution_lib"),
+    ("keras.src.backend.common.global_state", "get_global_attribute"),
     ("keras.src.backend.config", "backend"),
+    # The torch backend's conversions, called by the companions.
+    ("keras.src.backend.torch.core", "convert_to_tensor"),
+    ("keras.src.backend.torch.core", "get_device"),
+    # Called by the train/test/predict functions that the trainer wraps.
+    ("keras.src.backend.torch.trainer", "TorchTrainer.train_step"),
     ("keras.src.layers.layer", "Layer._open_name_scope"),
     ("keras.src.layers.layer", "Layer._track_variable"),
+    ("keras.src.trainers.data_adapters.array_data_adapter", "ArrayDataAdapter"),
+    (
+        "keras.src.trainers.data_adapters.array_data_adapter",
+        "can_convert_arrays",
+    ),
     ("keras.src.utils.rng_utils", "get_random_seed"),
     ("keras.src.utils.rng_utils", "set_random_seed"),
     ("keras.src.testing", "TestCase"),
@@ -48,6 +93,24 @@ KERAS_USED = (
 TORCH_USED = (
     # The store of the default process group, shared by every rank.
     ("torch.distributed.distributed_c10d", "_get_default_store"),
+    # DTensor's implicit replication flag, kept per thread.
+    ("torch._C", "_get_dtensor_allow_implicit_replication"),
+    ("torch._C", "_set_dtensor_allow_implicit_replication"),
+    # Sharding propagation: the fallback, strategies, and ops it replaces.
+    (
+        "torch.distributed.tensor._sharding_prop",
+        "ShardingPropagator.propagate_op_sharding_non_cached",
+    ),
+    (
+        "torch.distributed.tensor._sharding_prop",
+        "ShardingPropagator.register_op_strategy",
+    ),
+    ("torch.distributed.tensor._dispatch", "OpDispatcher"),
+    ("torch.distributed.tensor._op_schema", "OpSchema.is_inplace_op"),
+    ("torch.distributed.tensor._op_schema", "RuntimeSchemaInfo"),
+    ("torch.distributed.tensor._dtensor_spec", "DTensorSpec"),
+    ("torch.distributed.tensor._ops.utils", "expand_to_full_mesh_op_strategy"),
+    ("torch.distributed.tensor.placement_types", "_MaskPartial"),
 )
 
 DISTRIBUTION_NAME = "keras-torch-distribution"

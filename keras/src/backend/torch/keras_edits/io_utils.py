@@ -7,9 +7,9 @@ N. `KERAS_DISTRIBUTION_PRINT_ALL_RANKS=1` prints on every rank again.
 
 import os
 
-PRINT_ALL_RANKS_ENV = "KERAS_DISTRIBUTION_PRINT_ALL_RANKS"
+from keras.src.backend.torch.keras_edits import edit
 
-_original_print_msg = None
+PRINT_ALL_RANKS_ENV = "KERAS_DISTRIBUTION_PRINT_ALL_RANKS"
 
 
 def this_rank_speaks():
@@ -21,14 +21,14 @@ def this_rank_speaks():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def print_msg(message, line_break=True):
-    """Stands for `print_msg`."""
-    if this_rank_speaks():
-        _original_print_msg(message, line_break=line_break)
+def _print_msg(upstream):
+    def print_msg(message, line_break=True):
+        """Stands for `print_msg`."""
+        if this_rank_speaks():
+            upstream(message, line_break=line_break)
+
+    return print_msg
 
 
 def apply(io_utils_module):
-    global _original_print_msg
-    if _original_print_msg is None:
-        _original_print_msg = io_utils_module.print_msg
-    io_utils_module.print_msg = print_msg
+    edit(io_utils_module, "print_msg", _print_msg)

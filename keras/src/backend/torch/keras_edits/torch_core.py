@@ -15,6 +15,8 @@ one does, and `convert_to_numpy` returns global values:
 import torch
 from torch.distributed.tensor import DTensor
 
+from keras.src.backend.torch.keras_edits import edit
+
 
 def variable_layout(variable):
     """The `TensorLayout` for `variable`, or None to keep it a plain tensor."""
@@ -61,26 +63,23 @@ def _direct_assign(self, value):
         self.value.copy_(value)
 
 
-def convert_to_numpy(x):
-    """Stands for `convert_to_numpy`: a DTensor gives its full value."""
-    if isinstance(x, (list, tuple)):
-        return _original_convert_to_numpy([_gathered(e) for e in x])
-    return _original_convert_to_numpy(_gathered(x))
-
-
 def _gathered(x):
-    if isinstance(x, DTensor):
-        return x.full_tensor()
-    return x
+    return x.full_tensor() if isinstance(x, DTensor) else x
 
 
-_original_convert_to_numpy = None
+def _convert_to_numpy(upstream):
+    def convert_to_numpy(x):
+        """Stands for `convert_to_numpy`: a DTensor gives its full value."""
+        if isinstance(x, (list, tuple)):
+            return upstream([_gathered(e) for e in x])
+        return upstream(_gathered(x))
+
+    return convert_to_numpy
 
 
 def apply(core_module):
-    global _original_convert_to_numpy
-    if _original_convert_to_numpy is None:
-        _original_convert_to_numpy = core_module.convert_to_numpy
-    core_module.convert_to_numpy = convert_to_numpy
-    core_module.Variable._initialize = _initialize
-    core_module.Variable._direct_assign = _direct_assign
+    edit(core_module, "convert_to_numpy", _convert_to_numpy)
+    edit(core_module.Variable, "_initialize", lambda upstream: _initialize)
+    edit(
+        core_module.Variable, "_direct_assign", lambda upstream: _direct_assign
+    )

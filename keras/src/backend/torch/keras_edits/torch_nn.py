@@ -5,28 +5,28 @@ query is split (`dtensor_ops.lay_out_attention_mask`) before calling torch's
 attention: DTensor does not redistribute the mask, a keyword argument.
 """
 
-_original_dot_product_attention = None
+from keras.src.backend.torch.keras_edits import edit
 
 
-def dot_product_attention(query, key, value, bias=None, mask=None, **kwargs):
-    """Stands for `dot_product_attention`."""
-    from keras.src.backend.torch import dtensor_ops
-    from keras.src.backend.torch.core import convert_to_tensor
+def _dot_product_attention(upstream):
+    def dot_product_attention(query, key, value, bias=None, mask=None, **kw):
+        """Stands for `dot_product_attention`."""
+        from keras.src.backend.torch import dtensor_ops
+        from keras.src.backend.torch.core import convert_to_tensor
 
-    query = convert_to_tensor(query)
-    mask = dtensor_ops.lay_out_attention_mask(
-        None if mask is None else convert_to_tensor(mask), query
-    )
-    bias = dtensor_ops.lay_out_attention_mask(
-        None if bias is None else convert_to_tensor(bias), query
-    )
-    return _original_dot_product_attention(
-        query, key, value, bias=bias, mask=mask, **kwargs
-    )
+        query = convert_to_tensor(query)
+        mask, bias = (
+            None
+            if tensor is None
+            else dtensor_ops.lay_out_attention_mask(
+                convert_to_tensor(tensor), query
+            )
+            for tensor in (mask, bias)
+        )
+        return upstream(query, key, value, bias=bias, mask=mask, **kw)
+
+    return dot_product_attention
 
 
 def apply(nn_module):
-    global _original_dot_product_attention
-    if _original_dot_product_attention is None:
-        _original_dot_product_attention = nn_module.dot_product_attention
-    nn_module.dot_product_attention = dot_product_attention
+    edit(nn_module, "dot_product_attention", _dot_product_attention)

@@ -13,7 +13,7 @@ global batches (the same seed gives the same shuffle) and keeps its own
 block of each.
 """
 
-import functools
+from keras.src.backend.torch.keras_edits import edit
 
 
 def distribute_batch(data, distribution):
@@ -35,7 +35,6 @@ def distributed_step(step_function):
     from keras.src.backend.common import global_state
     from keras.src.backend.torch import dtensor_ops
 
-    @functools.wraps(step_function)
     def step(data):
         distribution = global_state.get_global_attribute("distribution")
         if distribution is None:
@@ -43,29 +42,30 @@ def distributed_step(step_function):
         with dtensor_ops.implicit_replication():
             return step_function(distribute_batch(data, distribution))
 
-    step.keras_distributed = True
+    step.upstream = step_function
     return step
 
 
-def _make_distributed(make_function, attribute):
-    @functools.wraps(make_function)
-    def make(self, force=False):
-        make_function(self, force=force)
-        function = getattr(self, attribute)
-        if not getattr(function, "keras_distributed", False):
-            setattr(self, attribute, distributed_step(function))
-        return getattr(self, attribute)
+def _make_distributed(kind):
+    def make_function(upstream):
+        def make(self, force=False):
+            """Stands for `TorchTrainer.make_{train,test,predict}_function`."""
+            upstream(self, force=force)
+            attribute = f"{kind}_function"
+            function = getattr(self, attribute)
+            if getattr(function, "upstream", None) is None:
+                setattr(self, attribute, distributed_step(function))
+            return getattr(self, attribute)
 
-    return make
+        return make
+
+    return make_function
 
 
 def apply(trainer_module):
-    trainer = trainer_module.TorchTrainer
     for kind in ("train", "test", "predict"):
-        name = f"make_{kind}_function"
-        original = getattr(trainer, name)
-        if getattr(original, "keras_distributed", False):
-            continue
-        made = _make_distributed(original, f"{kind}_function")
-        made.keras_distributed = True
-        setattr(trainer, name, made)
+        edit(
+            trainer_module.TorchTrainer,
+            f"make_{kind}_function",
+            _make_distributed(kind),
+        )

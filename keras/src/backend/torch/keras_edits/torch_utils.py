@@ -11,6 +11,8 @@ path and PyTorch forbids `.` in such keys, so `/` separates the levels.)
 
 import contextlib
 
+from keras.src.backend.torch.keras_edits import edit
+
 
 def _track_module_parameters(self):
     """Stands for `TorchModuleWrapper._track_module_parameters`."""
@@ -31,5 +33,8 @@ def _track_module_parameters(self):
 
 
 def apply(torch_utils_module):
-    wrapper = torch_utils_module.TorchModuleWrapper
-    wrapper._track_module_parameters = _track_module_parameters
+    edit(
+        torch_utils_module.TorchModuleWrapper,
+        "_track_module_parameters",
+        lambda upstream: _track_module_parameters,
+    )

@@ -1,0 +1,172 @@
+"""Loss histories on N processes equal the single-process run's.
+
+Each case trains the same model from the same seed on the same data for 3
+epochs, once in a single process without a distribution (the reference)
+and once on 2 or 4 real gloo processes under a distribution.
+"""
+
+import hashlib
+
+from absl.testing import parameterized
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Replicate
+
+import keras
+from integration_tests import parity_models
+from keras.src import testing
+from keras.src.testing.multi_process import run_on_processes
+
+SEED = 7
+RTOL = 1e-5
+OPTIMIZERS = ("sgd", "adam", "adamw")
+PROCESSES = {"data": 2, "model": 2, "2d": 4}
+
+
+def train(model_name, distribution_name, optimizer_names, options=None):
+    """Runs on every rank: `{optimizer: loss history}`."""
+    histories = {}
+    for optimizer_name in optimizer_names:
+        keras.utils.set_random_seed(SEED)
+        keras.distribution.set_distribution(
+            parity_models.distribution(distribution_name, model_name)
+        )
+        model = parity_models.MODELS[model_name][0]()
+        optimizer = parity_models.optimizer(optimizer_name, **(options or {}))
+        if options and options.pop("loss_scale", False):
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        x, y = parity_models.data(model_name)
+        history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
+        histories[optimizer_name] = history.history["loss"]
+        keras.distribution.set_distribution(None)
+    return histories
+
+
+def train_backbone(name, mesh_shape):
+    """Runs on every rank: the loss history of a tiny KerasHub LLM with a
+    language-model head, under the backbone's own layout map."""
+    import numpy as np
+
+    import keras_hub
+
+    keras.utils.set_random_seed(SEED)
+    backbone_class = {
+        "gemma": keras_hub.models.GemmaBackbone,
+        "llama": keras_hub.models.LlamaBackbone,
+    }[name]
+    if mesh_shape:
+        devices = keras.distribution.list_devices()
+        mesh = keras.distribution.DeviceMesh(
+            mesh_shape, ["batch", "model"], devices
+        )
+        layout_map = backbone_class.get_layout_map(mesh)
+        keras.distribution.set_distribution(
+            keras.distribution.ModelParallel(layout_map=layout_map)
+        )
+    config = dict(
+        vocabulary_size=64,
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,  # Key/value kernels of leading dim 1.
+        hidden_dim=16,
+        intermediate_dim=32,
+    )
+    if name == "gemma":
+        config["head_dim"] = 8
+    backbone = backbone_class(**config)
+    inputs = {
+        "token_ids": keras.Input((None,), dtype="int32"),
+        "padding_mask": keras.Input((None,), dtype="int32"),
+    }
+    logits = keras.layers.Dense(64, name="lm_head")(backbone(inputs))
+    model = keras.Model(inputs, logits)
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.RandomState(0)
+    x = {
+        "token_ids": rng.randint(0, 64, (16, 8)),
+        "padding_mask": np.ones((16, 8), "int32"),
+    }
+    y = rng.randint(0, 64, (16, 8))
+    history = model.fit(x, y, batch_size=4, epochs=3, verbose=0)
+    keras.distribution.set_distribution(None)
+    return history.history["loss"]
+
+
+def train_with_dropout():
+    """Runs on every rank: losses, and a digest of each replicated weight."""
+    keras.utils.set_random_seed(SEED)
+    keras.distribution.set_distribution(
+        parity_models.distribution("model", "transformer")
+    )
+    model = parity_models.transformer(dropout=0.3)
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = parity_models.data("transformer", samples=64)
+    history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
+    replicated = {}
+    for variable in model.variables:
+        value = variable.value
+        if isinstance(value, DTensor) and all(
+            p == Replicate() for p in value.placements
+        ):
+            local = value.to_local().detach().numpy().tobytes()
+            replicated[variable.path] = hashlib.sha256(local).hexdigest()
+    keras.distribution.set_distribution(None)
+    return history.history["loss"], replicated
+
+
+class ParityTest(testing.TestCase):
+    references = {}
+
+    def reference(self, key, body, *args):
+        if key not in self.references:
+            (self.references[key],) = run_on_processes(1, body, *args)
+        return self.references[key]
+
+    def assert_ranks_match(self, results, expected):
+        for rank, result in enumerate(results):
+            self.assertAllClose(result, expected, rtol=RTOL, atol=0, msg=rank)
+
+    @parameterized.product(
+        model_name=("mlp", "cnn", "transformer"),
+        distribution_name=("data", "model", "2d"),
+    )
+    def test_keras_models(self, model_name, distribution_name):
+        expected = self.reference(
+            model_name, train, model_name, None, OPTIMIZERS
+        )
+        results = run_on_processes(
+            PROCESSES[distribution_name],
+            train,
+            model_name,
+            distribution_name,
+            OPTIMIZERS,
+        )
+        for optimizer_name in OPTIMIZERS:
+            self.assert_ranks_match(
+                [r[optimizer_name] for r in results], expected[optimizer_name]
+            )
+
+    @parameterized.product(name=("gemma", "llama"), mesh_shape=((1, 2), (2, 2)))
+    def test_keras_hub_backbones(self, name, mesh_shape):
+        expected = self.reference(name, train_backbone, name, None)
+        results = run_on_processes(
+            mesh_shape[0] * mesh_shape[1], train_backbone, name, mesh_shape
+        )
+        self.assert_ranks_match(results, expected)
+
+    def test_dropout_trains_and_replicas_stay_identical(self):
+        results = run_on_processes(2, train_with_dropout)
+        losses, digests = zip(*results)
+        self.assertLess(losses[0][-1], losses[0][0])
+        self.assertEqual(losses[0], losses[1])
+        self.assertNotEmpty(digests[0])
+        self.assertEqual(digests[0], digests[1])
