@@ -104,10 +104,12 @@ def data(model_name, samples=32):
 
 def optimizer(name, **options):
     if name == "sgd":
-        return keras.optimizers.SGD(0.1, momentum=0.9, **options)
+        options.setdefault("learning_rate", 0.1)
+        return keras.optimizers.SGD(momentum=0.9, **options)
+    options.setdefault("learning_rate", 0.01)
     if name == "adam":
-        return keras.optimizers.Adam(0.01, **options)
-    return keras.optimizers.AdamW(0.01, weight_decay=0.05, **options)
+        return keras.optimizers.Adam(**options)
+    return keras.optimizers.AdamW(weight_decay=0.05, **options)
 
 
 def distribution(name, model_name):

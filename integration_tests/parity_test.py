@@ -22,6 +22,35 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 PROCESSES = {"data": 2, "model": 2, "2d": 4}
 
 
+# Optimizer options whose single-device meaning must hold on sharded
+# weights: norms over all shards, accumulators and averages laid out like
+# their weights.
+OPTIMIZER_OPTIONS = {
+    "clipnorm": {"clipnorm": 0.5},
+    "clipvalue": {"clipvalue": 0.02},
+    "global_clipnorm": {"global_clipnorm": 0.5},
+    "gradient_accumulation": {"gradient_accumulation_steps": 2},
+    "ema": {"use_ema": True, "ema_momentum": 0.9, "ema_overwrite_frequency": 3},
+    "loss_scale": {"loss_scale": True},
+    "schedule": {"schedule": True},
+}
+
+
+def make_optimizer(optimizer_name, options):
+    options = dict(options or {})
+    loss_scale = options.pop("loss_scale", False)
+    if options.pop("schedule", False):
+        options["learning_rate"] = keras.optimizers.schedules.ExponentialDecay(
+            0.05, decay_steps=2, decay_rate=0.5
+        )
+    optimizer = parity_models.optimizer(optimizer_name, **options)
+    if loss_scale:
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            optimizer, initial_scale=2.0**120, dynamic_growth_steps=2
+        )
+    return optimizer
+
+
 def train(model_name, distribution_name, optimizer_names, options=None):
     """Runs on every rank: `{optimizer: loss history}`."""
     histories = {}
@@ -31,9 +60,7 @@ def train(model_name, distribution_name, optimizer_names, options=None):
             parity_models.distribution(distribution_name, model_name)
         )
         model = parity_models.MODELS[model_name][0]()
-        optimizer = parity_models.optimizer(optimizer_name, **(options or {}))
-        if options and options.pop("loss_scale", False):
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer = make_optimizer(optimizer_name, options)
         model.compile(
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -170,3 +197,22 @@ class ParityTest(testing.TestCase):
         self.assertEqual(losses[0], losses[1])
         self.assertNotEmpty(digests[0])
         self.assertEqual(digests[0], digests[1])
+
+    @parameterized.product(
+        option=sorted(OPTIMIZER_OPTIONS), distribution_name=("model", "2d")
+    )
+    def test_optimizer_options(self, option, distribution_name):
+        options = OPTIMIZER_OPTIONS[option]
+        key = ("transformer", option)
+        expected = self.reference(
+            key, train, "transformer", None, ("adam",), options
+        )
+        results = run_on_processes(
+            PROCESSES[distribution_name],
+            train,
+            "transformer",
+            distribution_name,
+            ("adam",),
+            options,
+        )
+        self.assert_ranks_match([r["adam"] for r in results], expected["adam"])
