@@ -98,21 +98,34 @@ def install():
     _register_convolution(propagator)
     original = propagator.propagate_op_sharding_non_cached
 
+    nesting = []  # Calls in progress: DTensor propagates sub-ops of
+    # decompositions through here too.
+
     def propagate_with_fallback(op_schema):
+        nesting.append(op_schema.op)
         try:
             return _reshape_sharded_views(original(op_schema))
         except NotImplementedError:
-            if _decomposes(op_schema.op) or op_schema.is_inplace_op():
-                # DTensor decomposes the first kind itself; updating a
-                # replicated copy in place would lose the update.
+            if (
+                len(nesting) > 1
+                or _decomposes(op_schema.op)
+                or op_schema.is_inplace_op()
+            ):
+                # A sub-op of a decomposition fails the decomposition, so
+                # the whole op falls back; DTensor decomposes the second kind
+                # itself; updating a replicated copy would lose the update.
                 raise
             fallback_ops.add(op_schema.op)
             register_sharding(op_schema.op)(_replicate_everything(op_schema.op))
             return original(op_schema)
         except RuntimeError as error:
+            if len(nesting) > 1:
+                raise
             if op_schema.is_inplace_op():
                 return _propagate_aligned(original, op_schema, error)
             return _propagate_replicated(original, op_schema, error)
+        finally:
+            nesting.pop()
 
     propagator.propagate_op_sharding_non_cached = propagate_with_fallback
     # The cached entry point holds the original bound method: rebuild it.
