@@ -3,7 +3,6 @@ tensors. Each body computes both on every rank of a real process group."""
 
 import contextlib
 
-import numpy as np
 import torch
 from absl.testing import parameterized
 from torch.distributed.tensor import DTensor
@@ -76,7 +75,10 @@ def _relative_error(actual, expected):
 def _without_strategy(op):
     """Removes DTensor's strategy for `op`, to force it through the fallback."""
     propagator = DTensor._op_dispatcher.sharding_propagator
-    tables = (propagator.op_strategy_funcs, propagator.op_single_dim_strategy_funcs)
+    tables = (
+        propagator.op_strategy_funcs,
+        propagator.op_single_dim_strategy_funcs,
+    )
     removed = [table.pop(op, None) for table in tables]
     propagator.propagate_op_sharding.cache_clear()
     try:
@@ -162,7 +164,9 @@ def lookup_in_sharded_table():
             by_batch = [Shard(0), Replicate()]
             tokens = _distributed(tokens, table.device_mesh, by_batch)
         x = keras.ops.take(table, tokens, axis=0) + 0 * noise
-        return x * keras.ops.rsqrt(keras.ops.mean(x * x, axis=-1, keepdims=True))
+        return x * keras.ops.rsqrt(
+            keras.ops.mean(x * x, axis=-1, keepdims=True)
+        )
 
     return _compare(
         embed_and_normalize,

@@ -1,0 +1,183 @@
+"""fit/evaluate/predict and the *_on_batch calls under a distribution give
+the single-process numbers, as global Python floats and NumPy arrays."""
+
+import contextlib
+import io
+import os
+
+import numpy as np
+from absl.testing import parameterized
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import Shard
+
+import keras
+from keras.src import testing
+from keras.src.testing.multi_process import run_on_processes
+
+PROCESSES = {None: 1, "data": 2, "model": 2, "2d": 4}
+
+
+def _distribution(name):
+    if name is None:
+        return None
+    devices = keras.distribution.list_devices()
+    if name == "data":
+        return keras.distribution.DataParallel(devices=devices)
+    shape = (1, len(devices)) if name == "model" else (2, len(devices) // 2)
+    mesh = keras.distribution.DeviceMesh(shape, ["batch", "model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*up/kernel"] = (None, "model")
+    layout_map[".*up/bias"] = ("model",)
+    layout_map[".*down/kernel"] = ("model", None)
+    return keras.distribution.ModelParallel(layout_map=layout_map)
+
+
+def _model():
+    return keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(8, activation="relu", name="up"),
+            keras.layers.Dense(3, name="down"),
+        ]
+    )
+
+
+def _data():
+    rng = np.random.RandomState(0)
+    return rng.randn(24, 5).astype("float32"), rng.randint(0, 3, (24,))
+
+
+def every_call(distribution_name):
+    """Runs every training API once; returns what each gave."""
+    keras.utils.set_random_seed(3)
+    keras.distribution.set_distribution(_distribution(distribution_name))
+    model = _model()
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    x, y = _data()
+    history = model.fit(
+        x, y, batch_size=8, epochs=2, validation_split=0.25, verbose=0
+    ).history
+    result = {
+        "history": history,
+        "evaluate": model.evaluate(x, y, batch_size=8, verbose=0),
+        "train_on_batch": model.train_on_batch(x[:8], y[:8]),
+        "test_on_batch": model.test_on_batch(x[:8], y[:8]),
+        "predict": model.predict(x, batch_size=8, verbose=0),
+        "predict_on_batch": model.predict_on_batch(x[:8]),
+    }
+    keras.distribution.set_distribution(None)
+    return result
+
+
+class RecordsLayout(keras.layers.Layer):
+    """Passes its input through, remembering its DTensor placements."""
+
+    seen = []
+
+    def call(self, inputs):
+        if isinstance(inputs, DTensor):
+            RecordsLayout.seen.append(tuple(inputs.placements))
+        return inputs
+
+
+def relayout_of_an_output(relayout):
+    keras.utils.set_random_seed(3)
+    distribution = _distribution("model")
+    if relayout:
+        distribution._layout_map[".*up/output"] = ("batch", None)
+    keras.distribution.set_distribution(distribution)
+    RecordsLayout.seen = []
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(8, activation="relu", name="up"),
+            RecordsLayout(),
+            keras.layers.Dense(3, name="down"),
+        ]
+    )
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = _data()
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    keras.distribution.set_distribution(None)
+    return sorted(set(RecordsLayout.seen)), history.history["loss"]
+
+
+def printed_output(csv_path, print_all_ranks):
+    if print_all_ranks:
+        os.environ["KERAS_DISTRIBUTION_PRINT_ALL_RANKS"] = "1"
+    keras.distribution.set_distribution(_distribution("data"))
+    model = _model()
+    model.compile(optimizer="adam", loss="mse")
+    x = np.ones((16, 5), "float32")
+    y = np.ones((16, 3), "float32")
+    stdout = io.StringIO()
+    logger = keras.callbacks.CSVLogger(csv_path)
+    with contextlib.redirect_stdout(stdout):
+        model.fit(x, y, batch_size=8, epochs=2, verbose=1, callbacks=[logger])
+        model.evaluate(x, y, verbose=1)
+        model.predict(x, verbose=1)
+    os.environ.pop("KERAS_DISTRIBUTION_PRINT_ALL_RANKS", None)
+    keras.distribution.set_distribution(None)
+    return stdout.getvalue()
+
+
+class TrainerTest(testing.TestCase):
+    references = {}
+
+    def reference(self):
+        if "every_call" not in self.references:
+            (self.references["every_call"],) = run_on_processes(
+                1, every_call, None
+            )
+        return self.references["every_call"]
+
+    @parameterized.parameters("data", "model", "2d")
+    def test_every_call_gives_single_process_numbers(self, name):
+        expected = self.reference()
+        results = run_on_processes(PROCESSES[name], every_call, name)
+        for result in results:
+            for key, values in result["history"].items():
+                self.assertTrue(all(type(v) is float for v in values), key)
+                self.assertAllClose(values, expected["history"][key], rtol=1e-5)
+            for key in ("evaluate", "train_on_batch", "test_on_batch"):
+                self.assertTrue(all(type(v) is float for v in result[key]))
+                self.assertAllClose(result[key], expected[key], rtol=1e-5)
+            for key in ("predict", "predict_on_batch"):
+                self.assertIsInstance(result[key], np.ndarray)
+                self.assertEqual(result[key].shape, expected[key].shape)
+                self.assertAllClose(result[key], expected[key], rtol=1e-5)
+        # Global values: the same on every rank.
+        self.assertEqual(results[0]["history"], results[-1]["history"])
+
+    def test_relayout_of_an_output(self):
+        default, relaid = [
+            run_on_processes(2, relayout_of_an_output, relayout)
+            for relayout in (False, True)
+        ]
+        for rank in range(2):
+            self.assertEqual(default[rank][0], [(Shard(0), Shard(1))])
+            self.assertEqual(relaid[rank][0], [(Shard(0), Replicate())])
+            self.assertAllClose(relaid[rank][1], default[rank][1], rtol=1e-5)
+
+    def test_rank_zero_speaks(self):
+        csv_path = os.path.join(self.get_temp_dir(), "log.csv")
+        outputs = run_on_processes(2, printed_output, csv_path, False)
+        self.assertIn("Epoch 2/2", outputs[0])
+        self.assertIn("2/2", outputs[0])
+        self.assertEqual(outputs[1], "")
+        with open(csv_path) as f:
+            self.assertLen(f.read().splitlines(), 3)  # Header, 2 epochs.
+
+    def test_every_rank_speaks_on_request(self):
+        csv_path = os.path.join(self.get_temp_dir(), "log.csv")
+        outputs = run_on_processes(2, printed_output, csv_path, True)
+        for output in outputs:
+            self.assertIn("Epoch 2/2", output)
