@@ -98,3 +98,23 @@ class LaunchTest(testing.TestCase):
             self.assertEqual(view["num_processes"], 2)
             self.assertEqual(view["mesh"], [2])
         self.assertEqual(views[0]["random"], views[1]["random"])
+
+    def test_transformer_example_matches_single_process(self):
+        script = os.path.join(REPO, "examples", "transformer_model_parallel.py")
+        launches = {
+            1: [sys.executable, script],
+            2: [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            + ["--nproc_per_node=2", script],
+        }
+        losses = {}
+        for count, command in launches.items():
+            result = subprocess.run(
+                command, env=ENV, capture_output=True, text=True, timeout=300
+            )
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn(f"{count} process(es)", result.stdout)
+            losses[count] = [
+                float(v) for v in re.findall(r"loss ([\d.]+)", result.stdout)
+            ]
+        self.assertLen(losses[2], 3)
+        self.assertAllClose(losses[2], losses[1], rtol=1e-5, atol=0)
