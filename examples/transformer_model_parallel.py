@@ -1,7 +1,8 @@
 """Trains a small transformer with ModelParallel; prints its losses.
 
-    KERAS_BACKEND=torch torchrun --nproc_per_node 2 examples/transformer_model_parallel.py
-    KERAS_BACKEND=torch python examples/transformer_model_parallel.py
+    export KERAS_BACKEND=torch
+    torchrun --nproc_per_node 2 examples/transformer_model_parallel.py
+    python examples/transformer_model_parallel.py
 
 On N processes the weights are split Megatron-style over a "model" mesh
 axis (a 2 x N/2 mesh adds data parallelism from N = 4): the query, key,

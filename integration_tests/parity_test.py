@@ -12,7 +12,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 
 import keras
-from integration_tests import parity_models
+from keras.src.testing import distribution_test_models as parity_models
 from keras.src import testing
 from keras.src.testing.multi_process import run_on_processes
 

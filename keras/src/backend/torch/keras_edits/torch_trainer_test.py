@@ -13,46 +13,26 @@ from torch.distributed.tensor import Shard
 
 import keras
 from keras.src import testing
+from keras.src.testing import distribution_test_models as models
 from keras.src.testing.multi_process import run_on_processes
 
 PROCESSES = {None: 1, "data": 2, "model": 2, "2d": 4}
 
 
 def _distribution(name):
-    if name is None:
-        return None
-    devices = keras.distribution.list_devices()
-    if name == "data":
-        return keras.distribution.DataParallel(devices=devices)
-    shape = (1, len(devices)) if name == "model" else (2, len(devices) // 2)
-    mesh = keras.distribution.DeviceMesh(shape, ["batch", "model"], devices)
-    layout_map = keras.distribution.LayoutMap(mesh)
-    layout_map[".*up/kernel"] = (None, "model")
-    layout_map[".*up/bias"] = ("model",)
-    layout_map[".*down/kernel"] = ("model", None)
-    return keras.distribution.ModelParallel(layout_map=layout_map)
-
-
-def _model():
-    return keras.Sequential(
-        [
-            keras.Input((5,)),
-            keras.layers.Dense(8, activation="relu", name="up"),
-            keras.layers.Dense(3, name="down"),
-        ]
-    )
+    return models.distribution(name, "mlp")
 
 
 def _data():
     rng = np.random.RandomState(0)
-    return rng.randn(24, 5).astype("float32"), rng.randint(0, 3, (24,))
+    return rng.randn(24, 12).astype("float32"), rng.randint(0, 4, (24,))
 
 
 def every_call(distribution_name):
     """Runs every training API once; returns what each gave."""
     keras.utils.set_random_seed(3)
     keras.distribution.set_distribution(_distribution(distribution_name))
-    model = _model()
+    model = models.mlp()
     model.compile(
         optimizer="adam",
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -94,11 +74,12 @@ def relayout_of_an_output(relayout):
     RecordsLayout.seen = []
     model = keras.Sequential(
         [
-            keras.Input((5,)),
-            keras.layers.Dense(8, activation="relu", name="up"),
+            keras.Input((12,)),
+            keras.layers.Dense(32, activation="relu", name="up"),
             RecordsLayout(),
-            keras.layers.Dense(3, name="down"),
-        ]
+            keras.layers.Dense(4, name="down"),
+        ],
+        name="mlp",
     )
     model.compile(
         optimizer="adam",
@@ -114,10 +95,10 @@ def printed_output(csv_path, print_all_ranks):
     if print_all_ranks:
         os.environ["KERAS_DISTRIBUTION_PRINT_ALL_RANKS"] = "1"
     keras.distribution.set_distribution(_distribution("data"))
-    model = _model()
+    model = models.mlp()
     model.compile(optimizer="adam", loss="mse")
-    x = np.ones((16, 5), "float32")
-    y = np.ones((16, 3), "float32")
+    x = np.ones((16, 12), "float32")
+    y = np.ones((16, 4), "float32")
     stdout = io.StringIO()
     logger = keras.callbacks.CSVLogger(csv_path)
     with contextlib.redirect_stdout(stdout):

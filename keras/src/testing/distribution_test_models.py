@@ -1,4 +1,4 @@
-"""Small models, data and layout maps shared by the parity tests.
+"""Small models, data and layout maps shared by the distribution tests.
 
 Every builder is deterministic given Keras's random seed, so a run on N
 processes and a run on one process start from the same weights.
