@@ -19,7 +19,7 @@ from keras.src.testing.multi_process import run_on_processes
 SEED = 7
 RTOL = 1e-5
 OPTIMIZERS = ("sgd", "adam", "adamw")
-PROCESSES = {"data": 2, "model": 2, "2d": 4}
+PROCESSES = {"data": 2, "model": 2, "model_1d": 2, "2d": 4}
 
 
 # Optimizer options whose single-device meaning must hold on sharded
@@ -164,7 +164,7 @@ class ParityTest(testing.TestCase):
 
     @parameterized.product(
         model_name=("mlp", "cnn", "transformer"),
-        distribution_name=("data", "model", "2d"),
+        distribution_name=("data", "model", "model_1d", "2d"),
     )
     def test_keras_models(self, model_name, distribution_name):
         expected = self.reference(

@@ -113,14 +113,20 @@ def optimizer(name, **options):
 
 
 def distribution(name, model_name):
-    """`None`, `"data"`, `"model"` (1 x N) or `"2d"` (2 x N/2)."""
+    """`None`; `"data"`; `"model"` on a 1 x N ("batch", "model") mesh;
+    `"model_1d"` on a 1-D ("model",) mesh; `"2d"` on a 2 x N/2 mesh."""
     if name is None:
         return None
     devices = keras.distribution.list_devices()
     if name == "data":
         return keras.distribution.DataParallel(devices=devices)
-    shape = (1, len(devices)) if name == "model" else (2, len(devices) // 2)
-    mesh = keras.distribution.DeviceMesh(shape, ["batch", "model"], devices)
+    if name == "model_1d":
+        mesh = keras.distribution.DeviceMesh(
+            (len(devices),), ["model"], devices
+        )
+    else:
+        shape = (1, len(devices)) if name == "model" else (2, len(devices) // 2)
+        mesh = keras.distribution.DeviceMesh(shape, ["batch", "model"], devices)
     layout_map = keras.distribution.LayoutMap(mesh)
     MODELS[model_name][1](layout_map)
     return keras.distribution.ModelParallel(layout_map=layout_map)

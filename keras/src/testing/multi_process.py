@@ -9,15 +9,18 @@ and the same random seed on every rank.
 `fn` must be importable by name (a module-level function of an importable
 module): workers look it up, they do not unpickle code. When a rank raises,
 the others get a short grace period to finish; ranks still busy after it
-are presumed stuck in a collective and the pool is replaced.
+are presumed stuck in a collective: they print their stacks and the pool
+is replaced.
 """
 
 import atexit
+import faulthandler
 import importlib
 import importlib.util
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import socket
 import sys
 import time
@@ -124,8 +127,13 @@ class WorkerPool:
                     # The others may be waiting for this rank in a collective.
                     deadline = min(deadline, time.monotonic() + GRACE_SECONDS)
         for rank in pending:
-            failures[rank] = "did not finish in time (stuck in a collective?)"
+            failures[rank] = (
+                "did not finish in time (stuck in a collective?); its "
+                "threads' stacks are in the captured stderr"
+            )
+            os.kill(self.processes[rank].pid, signal.SIGUSR1)
         if pending:
+            time.sleep(1)  # Let the stacks print.
             self.close()
         return results, dict(sorted(failures.items()))
 
@@ -167,6 +175,7 @@ def _worker_main(rank, world_size, port, connection):
     import torch
 
     torch.set_num_threads(1)  # Several ranks share this machine's cores.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     import keras
 
     keras.distribution.initialize()

@@ -53,6 +53,9 @@ COMPANIONS = {
     "keras.src.backend.torch.trainer": (
         "keras.src.backend.torch.keras_edits.torch_trainer"
     ),
+    "keras.src.callbacks.callback_list": (
+        "keras.src.backend.torch.keras_edits.callback_list"
+    ),
     "keras.src.callbacks.csv_logger": (
         "keras.src.backend.torch.keras_edits.csv_logger"
     ),

@@ -43,8 +43,7 @@ from torch.distributed.tensor.placement_types import _MaskPartial
 
 aten = torch.ops.aten
 
-# Ops DTensor has no strategy for, routed through the replicating fallback.
-# Tests read it to check what the fallback handled.
+# Every op that went through a fallback, for tests and curious users.
 fallback_ops = set()
 
 
@@ -96,43 +95,43 @@ def install():
         return
     _register_cpu_attention(propagator)
     _register_convolution(propagator)
-    original = propagator.propagate_op_sharding_non_cached
+    propagate = _with_fallback(propagator.propagate_op_sharding_non_cached)
+    propagator.propagate_op_sharding_non_cached = propagate
+    # The cached entry point holds the original bound method: rebuild it.
+    propagator.propagate_op_sharding = type(propagator.propagate_op_sharding)(
+        propagate
+    )
+    propagator.keras_fallback_installed = True
 
-    nesting = []  # Calls in progress: DTensor propagates sub-ops of
-    # decompositions through here too.
+
+def _with_fallback(propagate):
+    """`propagate` (DTensor's sharding propagation) with the fallbacks."""
+    nesting = []  # DTensor propagates the sub-ops of decompositions here too.
 
     def propagate_with_fallback(op_schema):
         nesting.append(op_schema.op)
         try:
-            return _reshape_sharded_views(original(op_schema))
+            return _reshape_sharded_views(propagate(op_schema))
         except NotImplementedError:
-            if (
-                len(nesting) > 1
-                or _decomposes(op_schema.op)
-                or op_schema.is_inplace_op()
-            ):
-                # A sub-op of a decomposition fails the decomposition, so
-                # the whole op falls back; DTensor decomposes the second kind
-                # itself; updating a replicated copy would lose the update.
+            # A failing sub-op fails its decomposition, and the whole op
+            # falls back; DTensor decomposes composite ops itself; updating
+            # a replicated copy in place would lose the update.
+            inplace = op_schema.is_inplace_op()
+            if len(nesting) > 1 or _decomposes(op_schema.op) or inplace:
                 raise
             fallback_ops.add(op_schema.op)
             register_sharding(op_schema.op)(_replicate_everything(op_schema.op))
-            return original(op_schema)
+            return propagate(op_schema)
         except RuntimeError as error:
             if len(nesting) > 1:
                 raise
             if op_schema.is_inplace_op():
-                return _propagate_aligned(original, op_schema, error)
-            return _propagate_replicated(original, op_schema, error)
+                return _propagate_aligned(propagate, op_schema, error)
+            return _propagate_replicated(propagate, op_schema, error)
         finally:
             nesting.pop()
 
-    propagator.propagate_op_sharding_non_cached = propagate_with_fallback
-    # The cached entry point holds the original bound method: rebuild it.
-    propagator.propagate_op_sharding = type(propagator.propagate_op_sharding)(
-        propagate_with_fallback
-    )
-    propagator.keras_fallback_installed = True
+    return propagate_with_fallback
 
 
 def _decomposes(op):

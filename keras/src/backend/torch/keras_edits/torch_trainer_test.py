@@ -16,7 +16,7 @@ from keras.src import testing
 from keras.src.testing import distribution_test_models as models
 from keras.src.testing.multi_process import run_on_processes
 
-PROCESSES = {None: 1, "data": 2, "model": 2, "2d": 4}
+PROCESSES = {None: 1, "data": 2, "model": 2, "model_1d": 2, "2d": 4}
 
 
 def _distribution(name):
@@ -110,6 +110,19 @@ def printed_output(csv_path, print_all_ranks):
     return stdout.getvalue()
 
 
+def callbacks_dispatch(distributed):
+    """Whether batch-end callbacks would run on another thread."""
+    if distributed:
+        keras.distribution.set_distribution(_distribution("data"))
+    callbacks = keras.callbacks.CallbackList([], add_progbar=True)
+    keras.distribution.set_distribution(None)
+    return [
+        callbacks._async_train,
+        callbacks._async_test,
+        callbacks._async_predict,
+    ]
+
+
 class TrainerTest(testing.TestCase):
     references = {}
 
@@ -120,7 +133,7 @@ class TrainerTest(testing.TestCase):
             )
         return self.references["every_call"]
 
-    @parameterized.parameters("data", "model", "2d")
+    @parameterized.parameters("data", "model", "model_1d", "2d")
     def test_every_call_gives_single_process_numbers(self, name):
         expected = self.reference()
         results = run_on_processes(PROCESSES[name], every_call, name)
@@ -162,3 +175,11 @@ class TrainerTest(testing.TestCase):
         outputs = run_on_processes(2, printed_output, csv_path, True)
         for output in outputs:
             self.assertIn("Epoch 2/2", output)
+
+    def test_callbacks_run_in_the_training_thread(self):
+        # Their logs are gathered by collectives, which must keep one order
+        # on every rank.
+        for flags in run_on_processes(2, callbacks_dispatch, True):
+            self.assertEqual(flags, [False, False, False])
+        (flags,) = run_on_processes(1, callbacks_dispatch, False)
+        self.assertEqual(flags, [True, True, True])
