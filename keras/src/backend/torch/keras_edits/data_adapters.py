@@ -36,12 +36,12 @@ def _get_data_adapter(upstream):
             )
         return upstream(
             x,
-            y=y,
-            sample_weight=sample_weight,
-            batch_size=batch_size,
-            steps_per_epoch=steps_per_epoch,
-            shuffle=shuffle,
-            class_weight=class_weight,
+            y,
+            sample_weight,
+            batch_size,
+            steps_per_epoch,
+            shuffle,
+            class_weight,
         )
 
     return get_data_adapter
