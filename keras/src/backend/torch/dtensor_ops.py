@@ -86,6 +86,56 @@ def sharded_lookup(lookup, x, indices, axis=None):
     return result.redistribute(result.device_mesh, placements)
 
 
+def megatron_contraction(contract, *operands):
+    """Runs `contract(*operands)` (a matmul or einsum) communicating as
+    Megatron's parallel linear layers do.
+
+    DTensor leaves the partial sums of a contraction over a sharded dim
+    pending, and the next op (adding a bias) often settles them with a
+    reduce-scatter that later needs an all-gather; a gradient flowing into
+    a replicated activation from column-sharded weights stays partial the
+    same way. Here the result's partial sums are all-reduced at once (one
+    all-reduce forward after a row-wise layer), and each activation operand
+    gets its gradient laid out like itself (one all-reduce backward into a
+    column-wise layer): the communication of torch's `RowwiseParallel` and
+    `ColwiseParallel`.
+    """
+    if not any(isinstance(x, DTensor) for x in operands):
+        return contract(*operands)
+    operands = [
+        _GradientLikeInput.apply(x) if _is_activation(x) else x
+        for x in operands
+    ]
+    result = contract(*operands)
+    if not isinstance(result, DTensor) or not any(
+        p.is_partial() for p in result.placements
+    ):
+        return result
+    placements = [
+        Replicate() if p.is_partial() else p for p in result.placements
+    ]
+    return result.redistribute(result.device_mesh, placements)
+
+
+def _is_activation(x):
+    return isinstance(x, DTensor) and x.requires_grad and not x.is_leaf
+
+
+class _GradientLikeInput(torch.autograd.Function):
+    """Identity whose backward lays the gradient out like its input."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.mesh, ctx.placements = x.device_mesh, x.placements
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if isinstance(grad, DTensor) and grad.placements != ctx.placements:
+            grad = grad.redistribute(ctx.mesh, ctx.placements)
+        return grad
+
+
 def install():
     """Registers Keras's missing strategies and the fallback, once; allows
     implicit replication on this thread."""

@@ -18,10 +18,18 @@ KERAS_REPLACED = (
     ("keras.src.backend", "distribution_lib", "backend_init"),
     ("keras.src.backend.torch.core", "Variable._initialize", "torch_core"),
     ("keras.src.backend.torch.core", "Variable._direct_assign", "torch_core"),
+    ("keras.src.backend.torch.core", "Variable.value", "torch_core"),
     ("keras.src.backend.torch.core", "convert_to_numpy", "torch_core"),
     ("keras.src.backend.torch.nn", "dot_product_attention", "torch_nn"),
     ("keras.src.backend.torch.numpy", "take", "torch_numpy"),
     ("keras.src.backend.torch.numpy", "take_along_axis", "torch_numpy"),
+    ("keras.src.backend.torch.numpy", "matmul", "torch_numpy"),
+    ("keras.src.backend.torch.numpy", "einsum", "torch_numpy"),
+    (
+        "keras.src.backend.torch.trainer",
+        "TorchTrainer._should_torch_compile",
+        "torch_trainer",
+    ),
     (
         "keras.src.backend.torch.trainer",
         "TorchTrainer.make_train_function",
@@ -78,6 +86,13 @@ KERAS_USED = (
     ("keras.src.backend.torch.core", "get_device"),
     # Called by the train/test/predict functions that the trainer wraps.
     ("keras.src.backend.torch.trainer", "TorchTrainer.train_step"),
+    # Local replicas: a model's `call` looked up on the instance (replaced
+    # there during a step), its state, and its outputs' masks.
+    ("keras.src.ops.operation", "Operation.__call__"),
+    ("keras.src.layers.layer", "Layer.metrics_variables"),
+    ("keras.src.backend.common.variables", "Variable._maybe_autocast"),
+    ("keras.src.backend.common.masking", "get_keras_mask"),
+    ("keras.src.backend.common.masking", "set_keras_mask"),
     ("keras.src.layers.layer", "Layer._open_name_scope"),
     ("keras.src.layers.layer", "Layer._track_variable"),
     ("keras.src.trainers.data_adapters.array_data_adapter", "ArrayDataAdapter"),
@@ -111,6 +126,17 @@ TORCH_USED = (
     ("torch.distributed.tensor._dtensor_spec", "DTensorSpec"),
     ("torch.distributed.tensor._ops.utils", "expand_to_full_mesh_op_strategy"),
     ("torch.distributed.tensor.placement_types", "_MaskPartial"),
+    # Gradient buckets: the hook after accumulation, and the end-of-backward
+    # callback DistributedDataParallel also uses.
+    ("torch", "Tensor.register_post_accumulate_grad_hook"),
+    ("torch.autograd", "Variable._execution_engine"),
+    # A rank's rows of a batch split as DTensor splits dim 0.
+    (
+        "torch.distributed.tensor.placement_types",
+        "Shard.local_shard_size_and_offset",
+    ),
+    # A replicated DTensor's storage, shared by its local replica.
+    ("torch.distributed.tensor", "DTensor._local_tensor"),
 )
 
 DISTRIBUTION_NAME = "keras-torch-distribution"

@@ -7,6 +7,9 @@ one does, and `convert_to_numpy` returns global values:
   DTensor laid out by `distribution.get_variable_layout(variable)` (its own
   `_layout` wins, so optimizer slots follow their variable).
 - Assigning keeps the layout, from any global value or DTensor.
+- Inside a data-parallel step on local replicas (`local_replicas`), a
+  variable reads as, and assigns to, its local replica: a plain parameter
+  sharing its replicated DTensor's storage.
 - `convert_to_numpy` (hence `variable.numpy()`, `get_weights()`,
   `predict`) gathers a DTensor's full value. It is a collective: every rank
   calls it, as every rank runs the same Keras program.
@@ -53,10 +56,36 @@ def _initialize(self, value):
     self._value = torch.nn.Parameter(value, requires_grad=self.trainable)
 
 
+class _Property(property):
+    """A property that can carry `edit`'s `.upstream` attribute."""
+
+
+def _value_property(upstream):
+    def value(self):
+        """Stands for `Variable.value`: the local replica, in a step that
+        runs on local replicas."""
+        from keras.src.backend.torch import local_replicas
+
+        replica = local_replicas.replica_of(self)
+        if replica is not None:
+            return self._maybe_autocast(replica)
+        return upstream.fget(self)
+
+    return _Property(value)
+
+
 def _direct_assign(self, value):
     """Stands for `Variable._direct_assign`."""
     from keras.src.backend.torch import distribution_lib
+    from keras.src.backend.torch import local_replicas
 
+    replica = local_replicas.replica_of(self)
+    if replica is not None:
+        if isinstance(value, DTensor):  # From a loss on sharded outputs.
+            value = value.full_tensor()
+        with torch.no_grad():
+            replica.copy_(value)
+        return
     if isinstance(self._value, DTensor):
         value = distribution_lib.distribute_tensor(value, self._layout)
     with torch.no_grad():
@@ -80,6 +109,7 @@ def _convert_to_numpy(upstream):
 def apply(core_module):
     edit(core_module, "convert_to_numpy", _convert_to_numpy)
     edit(core_module.Variable, "_initialize", lambda upstream: _initialize)
+    edit(core_module.Variable, "value", _value_property)
     edit(
         core_module.Variable, "_direct_assign", lambda upstream: _direct_assign
     )

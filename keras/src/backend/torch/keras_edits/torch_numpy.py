@@ -1,8 +1,12 @@
 """Companion of `keras/src/backend/torch/numpy.py`.
 
-Upstream, `take` and `take_along_axis` handle a table sharded along the
-looked-up axis (`dtensor_ops.sharded_lookup`): an `Embedding` whose
-vocabulary is sharded, as in KerasHub's Gemma and Llama layout maps.
+Upstream:
+- `take` and `take_along_axis` handle a table sharded along the looked-up
+  axis (`dtensor_ops.sharded_lookup`): an `Embedding` whose vocabulary is
+  sharded, as in KerasHub's Gemma and Llama layout maps.
+- `matmul` and `einsum` on DTensors communicate as Megatron's parallel
+  layers do (`dtensor_ops.megatron_contraction`): what `Dense` and
+  `EinsumDense` run under a column- or row-wise kernel layout.
 """
 
 from keras.src.backend.torch.keras_edits import edit
@@ -20,6 +24,35 @@ def _sharded_lookup(upstream):
     return lookup
 
 
+def _megatron_matmul(upstream):
+    def matmul(x1, x2):
+        """Stands for `matmul`."""
+        from keras.src.backend.torch import dtensor_ops
+        from keras.src.backend.torch.core import convert_to_tensor
+
+        x1, x2 = convert_to_tensor(x1), convert_to_tensor(x2)
+        return dtensor_ops.megatron_contraction(upstream, x1, x2)
+
+    return matmul
+
+
+def _megatron_einsum(upstream):
+    def einsum(subscripts, *operands, **kwargs):
+        """Stands for `einsum`."""
+        from keras.src.backend.torch import dtensor_ops
+        from keras.src.backend.torch.core import convert_to_tensor
+
+        def contract(*tensors):
+            return upstream(subscripts, *tensors, **kwargs)
+
+        operands = [convert_to_tensor(x) for x in operands]
+        return dtensor_ops.megatron_contraction(contract, *operands)
+
+    return einsum
+
+
 def apply(numpy_module):
+    edit(numpy_module, "matmul", _megatron_matmul)
+    edit(numpy_module, "einsum", _megatron_einsum)
     edit(numpy_module, "take", _sharded_lookup)
     edit(numpy_module, "take_along_axis", _sharded_lookup)

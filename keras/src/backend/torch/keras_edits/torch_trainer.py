@@ -13,11 +13,15 @@ global batches (the same seed gives the same shuffle) and keeps its own
 block of each.
 """
 
+import warnings
+
+from torch.distributed.tensor import DTensor
+
 from keras.src.backend.torch.keras_edits import edit
 
 
 def distribute_batch(data, distribution):
-    """Lays out every tensor of a global batch by the distribution."""
+    """Lays out every tensor of `data` by the distribution."""
     from keras.src import tree
     from keras.src.backend.torch import distribution_lib
 
@@ -30,20 +34,96 @@ def distribute_batch(data, distribution):
     return tree.map_structure(distribute, data)
 
 
-def distributed_step(step_function):
-    """Wraps a step function so that it runs on distributed data."""
+def distribute_inputs(data, distribution):
+    """Lays out the model inputs of each `(x, y, sample_weight)` batch in
+    `data`; targets and sample weights stay whole (replicated), to meet
+    outputs that `replicated_outputs` returns replicated."""
+    batches = []
+    for batch in data:
+        if isinstance(batch, tuple):
+            batch = (distribute_batch(batch[0], distribution),) + batch[1:]
+        else:
+            batch = distribute_batch(batch, distribution)
+        batches.append(batch)
+    return batches
+
+
+def distributed_step(step_function, model, kind):
+    """Wraps a step function so that it runs on distributed data, on local
+    replicas when it can (see `local_replicas`)."""
     from keras.src.backend.common import global_state
     from keras.src.backend.torch import dtensor_ops
+    from keras.src.backend.torch import local_replicas
+
+    def dtensor_step(data, distribution):
+        axis = distribution.batch_dim_name
+        with local_replicas.replicated_outputs(model, axis):
+            return step_function(distribute_inputs(data, distribution))
 
     def step(data):
         distribution = global_state.get_global_attribute("distribution")
         if distribution is None:
             return step_function(data)
         with dtensor_ops.implicit_replication():
-            return step_function(distribute_batch(data, distribution))
+            replicas = local_replicas_for(model, distribution)
+            if replicas is None:
+                _warn_if_not_compiled(model)
+                return dtensor_step(data, distribution)
+            if kind != "predict" and replicas.wants_exact_step():
+                replicas.before_exact_step()
+                logs = dtensor_step(data, distribution)
+                replicas.after_exact_step()
+                return logs
+            with replicas.active():
+                return step_function(data)
 
     step.upstream = step_function
     return step
+
+
+def _warn_if_not_compiled(model):
+    if model.jit_compile and not model.__dict__.get("_eager_warned"):
+        model.__dict__["_eager_warned"] = True
+        warnings.warn(
+            "jit_compile=True: under this distribution the model's "
+            "variables are sharded DTensors, which torch.compile cannot "
+            "trace through Keras layers in this torch version; steps run "
+            "eagerly. Data-parallel steps (local replicas) are compiled."
+        )
+
+
+def local_replicas_for(model, distribution):
+    """`model`'s `LocalReplicas`, built or rebuilt as needed, or None where
+    its steps cannot run on local replicas."""
+    from keras.src.backend.torch import local_replicas
+
+    if not local_replicas.eligible(distribution):
+        return None
+    from keras.src.backend.torch import distribution_lib
+
+    replicas = getattr(model, "_local_replicas", None)
+    if replicas is None or replicas.stale():
+        mesh = distribution_lib._to_backend_mesh(distribution.device_mesh)
+        try:
+            replicas = local_replicas.LocalReplicas(
+                model, mesh, distribution.batch_dim_name, previous=replicas
+            )
+        except local_replicas.NotReplicated:
+            return None
+        model._local_replicas = replicas
+    return replicas
+
+
+def reduce_gradients_on_accumulation(model):
+    """Gives `model`'s DTensor weights gradients laid out like them as soon
+    as they accumulate (see `gradient_buckets`), replacing earlier hooks."""
+    from keras.src.backend.torch import gradient_buckets
+
+    for handle in getattr(model, "_gradient_hooks", ()):
+        handle.remove()
+    weights = [v.value for v in model.trainable_variables]
+    weights = [w for w in weights if isinstance(w, DTensor)]
+    model._gradient_hooks = gradient_buckets.reduce_on_accumulation(weights)
 
 
 def _make_distributed(kind):
@@ -51,10 +131,16 @@ def _make_distributed(kind):
         def make(self, force=False):
             """Stands for `TorchTrainer.make_{train,test,predict}_function`."""
             upstream(self, force=force)
+            if kind == "train":
+                reduce_gradients_on_accumulation(self)
+                if getattr(self, "_local_replicas", None) is not None:
+                    self._local_replicas.invalidate()  # Trainable set may
+                    # have changed.
             attribute = f"{kind}_function"
             function = getattr(self, attribute)
             if getattr(function, "upstream", None) is None:
-                setattr(self, attribute, distributed_step(function))
+                function = distributed_step(function, self, kind)
+                setattr(self, attribute, function)
             return getattr(self, attribute)
 
         return make
@@ -62,7 +148,27 @@ def _make_distributed(kind):
     return make_function
 
 
+def _should_torch_compile(upstream):
+    def should_torch_compile(self):
+        """Stands for `TorchTrainer._should_torch_compile`: under a
+        distribution the step is not compiled whole, as its collectives and
+        DTensor loss do not trace as one graph; `local_replicas` compiles
+        the model's forward pass instead."""
+        from keras.src.backend.common import global_state
+
+        if global_state.get_global_attribute("distribution") is not None:
+            return False
+        return upstream(self)
+
+    return should_torch_compile
+
+
 def apply(trainer_module):
+    edit(
+        trainer_module.TorchTrainer,
+        "_should_torch_compile",
+        _should_torch_compile,
+    )
     for kind in ("train", "test", "predict"):
         edit(
             trainer_module.TorchTrainer,

@@ -1,0 +1,184 @@
+"""Benchmarks this package against hand-written PyTorch, in one run.
+
+    .venv/bin/python benchmarks/run.py            # about 3 minutes
+    .venv/bin/python benchmarks/run.py --smoke    # seconds: runs, no numbers
+
+Measures every case of `workloads.CASES` on one process and on
+`--processes` gloo processes (see `measure.py`), prints a table, and as its
+last line one JSON object of ratios, each between two numbers of this run:
+
+- `*_step_ratio_vs_ddp` / `_vs_tp`: our distributed step time over plain
+  PyTorch's (DDP for data parallelism, `parallelize_module` with
+  `ColwiseParallel`/`RowwiseParallel` for model parallelism).
+- `*_dist_cost_ratio`: the cost of distribution alone, ours over plain
+  PyTorch's, where each side's cost is its distributed step minus its own
+  single-process step on one rank's share of the work (one replica's batch,
+  or the model with its sharded dims divided by the process count).
+- collectives per training step and bytes per rank under model
+  parallelism, against plain tensor parallelism and against one process.
+
+Every process runs one thread (`torch.set_num_threads(1)`): on this
+machine's 2 cores, 2 ranks get one core each, and so does the baseline.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def launch(mode, processes, rounds, steps):
+    script = os.path.join(HERE, "measure.py")
+    options = ["--rounds", str(rounds), "--steps", str(steps)]
+    if mode == "single":
+        command = [sys.executable, script, "single"]
+        options += ["--processes", str(processes)]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            script,
+            "distributed",
+        ]
+    environ = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
+    completed = subprocess.run(
+        command + options, env=environ, capture_output=True, text=True
+    )
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stdout + completed.stderr)
+        raise SystemExit(f"{mode} measurements failed")
+    return [
+        json.loads(line[len("RESULT ") :])
+        for line in completed.stdout.splitlines()
+        if line.startswith("RESULT ")
+    ]
+
+
+def find(results, **config):
+    for result in results:
+        if all(result[key] == value for key, value in config.items()):
+            return result
+    raise KeyError(f"no result for {config}")
+
+
+def compare(results, processes):
+    """The JSON summary: every ratio of the module docstring."""
+    summary = {}
+    dp_step, dp_cost = [], []
+    for case in ("dp_mlp", "dp_transformer"):
+        ours = find(results, mode="distributed", side="keras", case=case)
+        ddp = find(results, mode="distributed", side="torch", case=case)
+        share = dict(mode="single", case=case, shrink=1)
+        batch = ours["batch"] // processes
+        keras_share = find(results, side="keras", batch=batch, **share)
+        torch_share = find(results, side="torch", batch=batch, **share)
+        step = ours["step_ms"] / ddp["step_ms"]
+        cost = _cost_ratio(ours, keras_share, ddp, torch_share)
+        summary[f"{case}_step_ratio_vs_ddp"] = step
+        summary[f"{case}_dist_cost_ratio"] = cost
+        dp_step.append(step)
+        dp_cost.append(cost)
+    summary["dp_step_ratio_vs_ddp"] = max(dp_step)
+    summary["dp_dist_cost_ratio"] = max(dp_cost)
+
+    ours = find(results, mode="distributed", side="keras", case="mp_blocks")
+    ours = _eager(results, ours)
+    tp = find(results, mode="distributed", side="torch", case="mp_blocks")
+    share = dict(mode="single", case="mp_blocks", shrink=processes)
+    keras_share = find(results, side="keras", **share)
+    torch_share = find(results, side="torch", **share)
+    whole = find(
+        results, mode="single", side="keras", case="mp_blocks", shrink=1
+    )
+    summary["mp_step_ratio_vs_tp"] = ours["step_ms"] / tp["step_ms"]
+    summary["mp_dist_cost_ratio"] = _cost_ratio(
+        ours, keras_share, tp, torch_share
+    )
+    summary["mp_collectives_per_step"] = ours["collectives_per_step"]
+    summary["tp_collectives_per_step"] = tp["collectives_per_step"]
+    summary["mp_collective_bytes_per_step"] = ours["collective_bytes_per_step"]
+    summary["tp_collective_bytes_per_step"] = tp["collective_bytes_per_step"]
+    summary["mp_bytes_per_rank"] = ours["bytes_per_rank"]
+    summary["mp_bytes_single_process"] = whole["bytes_per_rank"]
+    summary["mp_bytes_bound"] = ours["bytes_bound"]
+
+    for prefix, case, baseline in (
+        ("dp", "dp_mlp", "ddp"),
+        ("mp", "mp_blocks", "tp"),
+    ):
+        compiled = find(
+            results, mode="distributed", side="keras", case=case, compile=True
+        )
+        eager = find(
+            results, mode="distributed", side="keras", case=case, compile=False
+        )
+        plain = find(results, mode="distributed", side="torch", case=case)
+        ratio = compiled["step_ms"] / plain["step_ms"]
+        summary[f"{prefix}_compiled_step_ratio_vs_{baseline}"] = ratio
+        summary[f"{prefix}_compiled_loss_vs_eager"] = [
+            compiled["loss"],
+            eager["loss"],
+        ]
+    return summary
+
+
+def _eager(results, found):
+    if not found["compile"]:
+        return found
+    return find(
+        results,
+        mode="distributed",
+        side="keras",
+        case=found["case"],
+        compile=False,
+    )
+
+
+def _cost_ratio(ours, ours_share, theirs, theirs_share):
+    ours_cost = ours["step_ms"] - ours_share["step_ms"]
+    their_cost = theirs["step_ms"] - theirs_share["step_ms"]
+    return ours_cost / their_cost if their_cost > 0 else float("nan")
+
+
+def table(results):
+    header = (
+        f"{'mode':<12}{'side':<7}{'case':<16}{'batch':>6}{'shrink':>7}"
+        f"{'jit':>5}{'step ms':>10}{'coll/step':>10}{'MB/step':>9}"
+        f"{'MB/rank':>9}{'loss':>10}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(
+            f"{r['mode']:<12}{r['side']:<7}{r['case']:<16}{r['batch']:>6}"
+            f"{r['shrink']:>7}{'yes' if r['compile'] else '':>5}"
+            f"{r['step_ms']:>10.2f}{r['collectives_per_step']:>10.1f}"
+            f"{r['collective_bytes_per_step'] / 2**20:>9.2f}"
+            f"{r['bytes_per_rank'] / 2**20:>9.2f}{r['loss']:>10.5f}"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8, help="per round")
+    parser.add_argument(
+        "--smoke", action="store_true", help="3 steps each: checks it runs"
+    )
+    args = parser.parse_args()
+    rounds, steps = (1, 3) if args.smoke else (args.rounds, args.steps)
+    results = launch("single", args.processes, rounds, steps)
+    results += launch("distributed", args.processes, rounds, steps)
+    print(table(results))
+    print(json.dumps(compare(results, args.processes)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Gradients reduced as they accumulate: bucketed sums of plain gradients,
+and DTensor gradients laid out like their weights."""
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Partial
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.debug import CommDebugMode
+
+from keras.src import testing
+from keras.src.backend.torch import gradient_buckets
+from keras.src.testing.multi_process import run_on_processes
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    )
+
+
+def _local_gradients(model, unused=None):
+    torch.manual_seed(dist.get_rank())  # Each rank its own samples.
+    model(torch.randn(4, 6)).square().sum().backward()
+    return {
+        name: None if p.grad is None else p.grad.clone()
+        for name, p in model.named_parameters()
+    }
+
+
+def bucketed_sums(first_bucket_bytes, bucket_bytes):
+    """Bucketed sums next to per-tensor all-reduces of the same grads."""
+    model = _model()
+    expected = _local_gradients(model)
+    for grad in expected.values():
+        dist.all_reduce(grad)
+    model.zero_grad(set_to_none=True)
+    buckets = gradient_buckets.GradientBuckets(
+        list(model.parameters()),
+        dist.group.WORLD,
+        bucket_bytes=bucket_bytes,
+        first_bucket_bytes=first_bucket_bytes,
+    )
+    summed = _local_gradients(model)
+    buckets.remove()
+    return len(buckets.buckets), expected, summed
+
+
+def unused_weight_keeps_no_gradient():
+    model = _model()
+    extra = torch.nn.Parameter(torch.ones(2))  # Never used.
+    weights = list(model.parameters()) + [extra]
+    gradient_buckets.GradientBuckets(weights, dist.group.WORLD, 16, 16)
+    summed = _local_gradients(model)
+    return extra.grad, summed
+
+
+def partial_gradient_relaid(axis_sizes):
+    """A Partial gradient of a replicated weight, laid out like it."""
+    mesh = init_device_mesh("cpu", axis_sizes, mesh_dim_names=("a", "b"))
+    weight = DTensor.from_local(torch.zeros(3), mesh, [Replicate()] * 2)
+    local = torch.full((3,), float(dist.get_rank() + 1))
+    grad = DTensor.from_local(local, mesh, [Partial(), Partial()])
+    with CommDebugMode() as comm:
+        relaid = gradient_buckets.as_layout_of(grad, weight)
+    return tuple(relaid.placements), relaid.to_local(), comm.get_total_counts()
+
+
+class GradientBucketsTest(testing.TestCase):
+    def test_bucketed_sums_equal_per_tensor_sums(self):
+        # One bucket for everything; or 16-byte buckets, filled in reverse
+        # creation order: [last bias (12 B), last kernel], [first bias],
+        # [first kernel].
+        for sizes, buckets_expected in (((1 << 20, 1 << 20), 1), ((16, 16), 3)):
+            for count, expected, summed in run_on_processes(
+                2, bucketed_sums, *sizes
+            ):
+                self.assertEqual(count, buckets_expected)
+                for name in expected:
+                    self.assertAllClose(summed[name], expected[name])
+
+    def test_a_weight_without_gradient_keeps_none(self):
+        for extra_grad, summed in run_on_processes(
+            2, unused_weight_keeps_no_gradient
+        ):
+            self.assertIsNone(extra_grad)
+            self.assertLen(summed, 4)
+
+    def test_partial_gradient_reduced_once_per_axis_larger_than_one(self):
+        placements, local, collectives = run_on_processes(
+            2, partial_gradient_relaid, (1, 2)
+        )[0]
+        self.assertEqual(placements, (Replicate(), Replicate()))
+        self.assertAllClose(local, [3.0, 3.0, 3.0])  # 1 + 2
+        self.assertEqual(collectives, 1)  # None for the axis of size 1.
+        _, local, collectives = run_on_processes(
+            4, partial_gradient_relaid, (2, 2)
+        )[0]
+        self.assertAllClose(local, [10.0, 10.0, 10.0])  # 1 + 2 + 3 + 4
+        self.assertEqual(collectives, 2)

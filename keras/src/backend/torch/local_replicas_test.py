@@ -1,0 +1,173 @@
+"""Data-parallel steps on local replicas: the route each model takes, the
+numbers it gives, and the collectives it costs."""
+
+import warnings
+
+import numpy as np
+from torch.distributed.tensor.debug import CommDebugMode
+
+import keras
+from keras.src import testing
+from keras.src.backend.torch import local_replicas
+from keras.src.testing import distribution_test_models as models
+from keras.src.testing.multi_process import run_on_processes
+
+
+def _fit(model_name, data_parallel, jit_compile=False, **compile_args):
+    keras.utils.set_random_seed(7)
+    if data_parallel:
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+    build = models.MODELS[model_name][0]
+    model = build()
+    model.compile(
+        optimizer=models.optimizer("adam"),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
+        **compile_args,
+    )
+    x, y = models.data(model_name, samples=30)  # Uneven: 8, 8, 8, 6.
+    history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+    replicas = getattr(model, "_local_replicas", None)
+    route = None
+    if replicas is not None:
+        route = "exact" if replicas.exact_steps_left else "local"
+    predictions = model.predict(x, batch_size=8, verbose=0)
+    keras.distribution.set_distribution(None)
+    return history.history["loss"], predictions, route
+
+
+def route_and_numbers(model_name, jit_compile=False):
+    return _fit(model_name, data_parallel=True, jit_compile=jit_compile)
+
+
+def single_process(model_name):
+    return _fit(model_name, data_parallel=False)
+
+
+def model_parallel_compiled():
+    keras.utils.set_random_seed(7)
+    keras.distribution.set_distribution(models.distribution("model", "mlp"))
+    model = models.mlp()
+    model.compile(
+        optimizer=models.optimizer("adam"),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
+    x, y = models.data("mlp", samples=30)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(
+            x, y, batch_size=8, epochs=3, shuffle=False, verbose=0
+        )
+    keras.distribution.set_distribution(None)
+    messages = [str(w.message) for w in caught]
+    return history.history["loss"], any("run eagerly" in m for m in messages)
+
+
+def masked_model_numbers(data_parallel):
+    keras.utils.set_random_seed(7)
+    if data_parallel:
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+    tokens = keras.Input((6,), dtype="int32")
+    x = keras.layers.Embedding(10, 8, mask_zero=True)(tokens)
+    x = keras.layers.LSTM(8, return_sequences=True)(x)
+    model = keras.Model(tokens, keras.layers.Dense(1)(x))
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.RandomState(0)
+    x = rng.randint(0, 10, (16, 6))
+    x[:, 4:] = 0  # Padding, masked out of the loss.
+    y = rng.randn(16, 6, 1).astype("float32")
+    history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    keras.distribution.set_distribution(None)
+    return history.history["loss"]
+
+
+def collectives_per_step(metric_count, gather_bytes=None):
+    previous = local_replicas.GATHER_BYTES
+    if gather_bytes is not None:
+        local_replicas.GATHER_BYTES = gather_bytes
+    try:
+        return _collectives_per_step(metric_count)
+    finally:
+        local_replicas.GATHER_BYTES = previous
+
+
+def _collectives_per_step(metric_count):
+    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    model = models.mlp()
+    metrics = [
+        "accuracy",
+        keras.metrics.SparseTopKCategoricalAccuracy(k=2),
+        keras.metrics.SparseCategoricalCrossentropy(from_logits=True),
+        keras.metrics.SparseCategoricalAccuracy(name="sca"),
+    ]
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=metrics[:metric_count],
+    )
+    x, y = models.data("mlp", samples=16)
+    model.train_on_batch(x[:8], y[:8])  # The exact first step.
+    with CommDebugMode() as comm:
+        logs = model.train_on_batch(x[8:], y[8:], return_dict=True)
+    keras.distribution.set_distribution(None)
+    counts = {
+        str(op).split(".")[-1]: n for op, n in comm.get_comm_counts().items()
+    }
+    return counts, logs
+
+
+class LocalReplicasTest(testing.TestCase):
+    def test_plain_models_train_on_local_replicas_with_single_numbers(self):
+        for name in ("mlp", "transformer"):
+            expected_loss, expected_predictions, _ = single_process(name)
+            for rank_result in run_on_processes(4, route_and_numbers, name):
+                loss, predictions, route = rank_result
+                self.assertEqual(route, "local")
+                self.assertAllClose(loss, expected_loss, rtol=1e-5)
+                self.assertAllClose(
+                    predictions, expected_predictions, rtol=1e-5, atol=1e-6
+                )
+
+    def test_models_updating_state_keep_the_exact_route(self):
+        # BatchNormalization's moving statistics need the global batch.
+        expected_loss, _, _ = single_process("cnn")
+        for loss, _, route in run_on_processes(2, route_and_numbers, "cnn"):
+            self.assertEqual(route, "exact")
+            self.assertAllClose(loss, expected_loss, rtol=1e-5)
+
+    def test_jit_compile_compiles_the_local_forward_with_single_numbers(self):
+        expected_loss, _, _ = single_process("mlp")
+        for loss, _, route in run_on_processes(
+            2, route_and_numbers, "mlp", True
+        ):
+            self.assertEqual(route, "local")
+            self.assertAllClose(loss, expected_loss, rtol=1e-5)
+
+    def test_jit_compile_under_model_parallel_runs_eagerly(self):
+        expected_loss, _, _ = single_process("mlp")
+        for loss, warned in run_on_processes(2, model_parallel_compiled):
+            self.assertTrue(warned)
+            self.assertAllClose(loss, expected_loss, rtol=1e-5)
+
+    def test_output_masks_reach_the_loss(self):
+        expected = masked_model_numbers(False)
+        for loss in run_on_processes(2, masked_model_numbers, True):
+            self.assertAllClose(loss, expected, rtol=1e-5)
+
+    def test_metrics_cost_no_collective(self):
+        # One all-gather of the outputs and one bucket all-reduce per step,
+        # however many metrics.
+        for metric_count in (1, 4):
+            counts, logs = run_on_processes(
+                2, collectives_per_step, metric_count
+            )[0]
+            self.assertEqual(counts, {"_allgather_base_": 1, "allreduce_": 1})
+            self.assertLen(logs, metric_count + 1)
+
+    def test_large_outputs_stay_sharded_for_the_loss(self):
+        # Past GATHER_BYTES, DTensor computes the loss from the shards: no
+        # gather; the loss's sums are all-reduced instead.
+        counts, _ = run_on_processes(2, collectives_per_step, 1, 0)[0]
+        self.assertNotIn("_allgather_base_", counts)
+        self.assertEqual(counts["allreduce_"], 1)
