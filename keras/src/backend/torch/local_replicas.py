@@ -27,9 +27,9 @@ batch in every layer: models whose forward pass updates state other than
 random seeds (`BatchNormalization`'s moving statistics need the statistics
 of the global batch), and models with losses of their own (regularizers,
 `add_loss`), whose terms would be counted once per rank. The first
-training or evaluation step of a model always takes the exact route and
-tells which kind it is; every rank decides alike, as every rank sees the
-same values.
+training step of a model, and its first evaluation step, take the exact
+route and tell which kind it is, for steps of that kind; every rank
+decides alike, as every rank sees the same values.
 """
 
 import contextlib
@@ -98,7 +98,7 @@ class LocalReplicas:
         self.buckets = gradient_buckets.GradientBuckets(
             trainable, self.mesh.get_group(batch_axis)
         )
-        self.exact_steps_left = previous.exact_steps_left if previous else 1
+        self.verdicts = previous.verdicts if previous else {}
         self.state_before = None
 
     def remove(self):
@@ -192,27 +192,30 @@ class LocalReplicas:
             local, self.mesh, placements, shape=shape, stride=stride
         )
 
-    # The exact first step.
+    # The exact first step of each kind.
 
-    def wants_exact_step(self):
-        return self.exact_steps_left > 0
+    def wants_exact_step(self, kind):
+        """Whether a `kind` step ("train", "test") must take the exact
+        route: always for models found to need it, once to find out."""
+        return self.verdicts.get(kind, "probe") != "local"
 
     def before_exact_step(self):
         self.state_before = [
-            v.value.to_local().clone() for v in _forward_state(self.model)
+            _local(v.value).clone() for v in _forward_state(self.model)
         ]
 
-    def after_exact_step(self):
-        """Takes the exact route for good if the step showed the model
-        needs it."""
-        self.exact_steps_left -= 1
+    def after_exact_step(self, kind):
+        """Records whether the `kind` step just taken showed that the model
+        needs the exact route: it changed state or has losses of its own."""
+        if self.state_before is None:
+            return
         changed = any(
-            not torch.equal(before, v.value.to_local())
+            not torch.equal(before, _local(v.value))
             for before, v in zip(self.state_before, _forward_state(self.model))
         )
         self.state_before = None
-        if changed or self.model.losses:
-            self.exact_steps_left = float("inf")
+        needs_exact = changed or bool(self.model.losses)
+        self.verdicts[kind] = "exact" if needs_exact else "local"
 
 
 def _optimizer_variables(model):
@@ -327,6 +330,10 @@ def _with_mask(output, convert, check=None):
     if mask is not None:
         set_keras_mask(result, convert(mask))
     return result
+
+
+def _local(tensor):
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _is_batch(value):

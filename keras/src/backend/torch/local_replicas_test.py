@@ -4,6 +4,7 @@ numbers it gives, and the collectives it costs."""
 import warnings
 
 import numpy as np
+import torch
 from torch.distributed.tensor.debug import CommDebugMode
 
 import keras
@@ -13,7 +14,13 @@ from keras.src.testing import distribution_test_models as models
 from keras.src.testing.multi_process import run_on_processes
 
 
-def _fit(model_name, data_parallel, jit_compile=False, **compile_args):
+def _fit(
+    model_name,
+    data_parallel,
+    jit_compile=False,
+    evaluate_first=False,
+    **compile_args,
+):
     keras.utils.set_random_seed(7)
     if data_parallel:
         keras.distribution.set_distribution(keras.distribution.DataParallel())
@@ -26,22 +33,70 @@ def _fit(model_name, data_parallel, jit_compile=False, **compile_args):
         **compile_args,
     )
     x, y = models.data(model_name, samples=30)  # Uneven: 8, 8, 8, 6.
+    if evaluate_first:  # A probe of inference steps says nothing of
+        model.evaluate(x, y, batch_size=8, verbose=0)  # training steps.
     history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
     replicas = getattr(model, "_local_replicas", None)
-    route = None
-    if replicas is not None:
-        route = "exact" if replicas.exact_steps_left else "local"
+    route = replicas.verdicts.get("train") if replicas else None
     predictions = model.predict(x, batch_size=8, verbose=0)
     keras.distribution.set_distribution(None)
     return history.history["loss"], predictions, route
 
 
-def route_and_numbers(model_name, jit_compile=False):
-    return _fit(model_name, data_parallel=True, jit_compile=jit_compile)
+def route_and_numbers(model_name, jit_compile=False, evaluate_first=False):
+    return _fit(
+        model_name,
+        data_parallel=True,
+        jit_compile=jit_compile,
+        evaluate_first=evaluate_first,
+    )
 
 
-def single_process(model_name):
-    return _fit(model_name, data_parallel=False)
+def single_process(model_name, evaluate_first=False):
+    return _fit(model_name, data_parallel=False, evaluate_first=evaluate_first)
+
+
+def wrapped_torch_module_numbers(data_parallel):
+    keras.utils.set_random_seed(7)
+    if data_parallel:
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+    module = torch.nn.Sequential(
+        torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+    )
+    model = keras.Sequential(
+        [keras.Input((12,)), keras.layers.TorchModuleWrapper(module)]
+    )
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = models.data("mlp", samples=30)
+    history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+    route = getattr(model, "_local_replicas", None)
+    keras.distribution.set_distribution(None)
+    return history.history["loss"], route is not None
+
+
+def regularized_numbers(data_parallel):
+    keras.utils.set_random_seed(7)
+    if data_parallel:
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+    model = keras.Sequential(
+        [
+            keras.Input((12,)),
+            keras.layers.Dense(16, activation="relu", kernel_regularizer="l2"),
+            keras.layers.Dense(4, activity_regularizer="l1"),
+        ]
+    )
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = models.data("mlp", samples=30)
+    history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+    replicas = getattr(model, "_local_replicas", None)
+    keras.distribution.set_distribution(None)
+    return history.history["loss"], replicas and replicas.verdicts["train"]
 
 
 def model_parallel_compiled():
@@ -131,10 +186,19 @@ class LocalReplicasTest(testing.TestCase):
 
     def test_models_updating_state_keep_the_exact_route(self):
         # BatchNormalization's moving statistics need the global batch.
-        expected_loss, _, _ = single_process("cnn")
-        for loss, _, route in run_on_processes(2, route_and_numbers, "cnn"):
+        expected_loss, _, _ = single_process("cnn", evaluate_first=True)
+        for loss, _, route in run_on_processes(
+            2, route_and_numbers, "cnn", False, True
+        ):
             self.assertEqual(route, "exact")
             self.assertAllClose(loss, expected_loss, rtol=1e-5)
+
+    def test_models_with_their_own_losses_keep_the_exact_route(self):
+        # Regularization terms would otherwise count once per rank.
+        expected, _ = regularized_numbers(False)
+        for loss, route in run_on_processes(2, regularized_numbers, True):
+            self.assertEqual(route, "exact")
+            self.assertAllClose(loss, expected, rtol=1e-5)
 
     def test_jit_compile_compiles_the_local_forward_with_single_numbers(self):
         expected_loss, _, _ = single_process("mlp")
@@ -149,6 +213,15 @@ class LocalReplicasTest(testing.TestCase):
         for loss, warned in run_on_processes(2, model_parallel_compiled):
             self.assertTrue(warned)
             self.assertAllClose(loss, expected_loss, rtol=1e-5)
+
+    def test_wrapped_torch_modules_train_on_local_replicas(self):
+        # Their parameters stay plain tensors: each is its own replica.
+        expected, _ = wrapped_torch_module_numbers(False)
+        for loss, on_replicas in run_on_processes(
+            2, wrapped_torch_module_numbers, True
+        ):
+            self.assertTrue(on_replicas)
+            self.assertAllClose(loss, expected, rtol=1e-5)
 
     def test_output_masks_reach_the_loss(self):
         expected = masked_model_numbers(False)

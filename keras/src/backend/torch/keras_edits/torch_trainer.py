@@ -69,10 +69,10 @@ def distributed_step(step_function, model, kind):
             if replicas is None:
                 _warn_if_not_compiled(model)
                 return dtensor_step(data, distribution)
-            if kind != "predict" and replicas.wants_exact_step():
+            if kind != "predict" and replicas.wants_exact_step(kind):
                 replicas.before_exact_step()
                 logs = dtensor_step(data, distribution)
-                replicas.after_exact_step()
+                replicas.after_exact_step(kind)
                 return logs
             with replicas.active():
                 return step_function(data)
