@@ -54,6 +54,7 @@ class GradientBuckets:
             id(w): i for i, bucket in enumerate(self.buckets) for w in bucket
         }
         self.buffers = [None] * len(self.buckets)
+        self.enabled = True  # Off: gradients accumulate untouched.
         self.handles = [
             w.register_post_accumulate_grad_hook(self._on_gradient)
             for w in weights
@@ -72,6 +73,8 @@ class GradientBuckets:
         self.finishing = False
 
     def _on_gradient(self, weight):
+        if not self.enabled:
+            return
         if not self.finishing:
             self.finishing = True
             torch.autograd.Variable._execution_engine.queue_callback(

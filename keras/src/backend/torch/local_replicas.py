@@ -98,6 +98,7 @@ class LocalReplicas:
         self.buckets = gradient_buckets.GradientBuckets(
             trainable, self.mesh.get_group(batch_axis)
         )
+        self.buckets.enabled = False  # On in local-replica steps only.
         self.verdicts = previous.verdicts if previous else {}
         self.state_before = None
 
@@ -121,9 +122,11 @@ class LocalReplicas:
             replica.grad = None
         _state.replicas = self.replicas
         self.model.__dict__["call"] = self._local_call
+        self.buckets.enabled = True
         try:
             yield
         finally:
+            self.buckets.enabled = False
             _state.replicas = None
             self.model.__dict__.pop("call", None)
 
@@ -131,6 +134,8 @@ class LocalReplicas:
         from keras.src import tree
 
         tensors = [t for t in tree.flatten((args, kwargs)) if _is_batch(t)]
+        if not tensors:  # Nothing to split: every rank computes the same.
+            return self._forward(*args, **kwargs)
         global_rows = tensors[0].shape[0]
         dim = self.mesh.mesh_dim_names.index(self.batch_axis)
         self.rows = [
