@@ -6,9 +6,24 @@ backend also accepts arrays (NumPy arrays, torch tensors, and nests of
 them): every process holds the same global arrays and iterates the same
 global batches, and the trainer gives each rank its block of every batch
 (see `torch_trainer`).
+
+Every rank must then draw the same shuffle: their random generators may
+have drifted apart (a rank that printed a random sample, a different seed
+per rank), and two orders would train some samples twice and skip others
+without a sign. Each epoch, every rank draws its order as upstream does,
+then takes rank 0's (one broadcast of the sample indices): rank 0 shuffles
+exactly as a single process would.
+
+Other inputs are refused with an error that says what to pass instead, on
+every rank before any collective can hang.
 """
 
 from keras.src.backend.torch.keras_edits import edit
+
+SUPPORTED = (
+    "NumPy arrays or torch tensors holding the global data (the same on "
+    "every process; each process trains on its share of every batch)"
+)
 
 
 def _get_data_adapter(upstream):
@@ -22,29 +37,98 @@ def _get_data_adapter(upstream):
         class_weight=None,
     ):
         """Stands for `get_data_adapter`."""
+        from keras.src.distribution import distribution_lib
         from keras.src.trainers.data_adapters import array_data_adapter
+        from keras.src.trainers.data_adapters import data_adapter
 
-        if array_data_adapter.can_convert_arrays((x, y, sample_weight)):
-            return array_data_adapter.ArrayDataAdapter(
+        distribution = distribution_lib.distribution()
+        multi_process = getattr(distribution, "_is_multi_process", False)
+        if not multi_process or isinstance(x, data_adapter.DataAdapter):
+            return upstream(
                 x,
                 y,
-                sample_weight=sample_weight,
-                class_weight=class_weight,
-                shuffle=shuffle,
-                batch_size=batch_size,
-                steps=steps_per_epoch,
+                sample_weight,
+                batch_size,
+                steps_per_epoch,
+                shuffle,
+                class_weight,
             )
-        return upstream(
+        _check_input(x, y, sample_weight, distribution)
+        adapter = array_data_adapter.ArrayDataAdapter(
             x,
             y,
-            sample_weight,
-            batch_size,
-            steps_per_epoch,
-            shuffle,
-            class_weight,
+            sample_weight=sample_weight,
+            class_weight=class_weight,
+            shuffle=shuffle,
+            batch_size=batch_size,
+            steps=steps_per_epoch,
         )
+        return agree_on_order(adapter)
 
     return get_data_adapter
+
+
+def _check_input(x, y, sample_weight, distribution):
+    from keras.src.trainers.data_adapters import array_data_adapter
+
+    if not distribution.auto_shard_dataset:
+        raise ValueError(
+            "`auto_shard_dataset=False` (each process passing its own part "
+            "of the data) is not supported on the torch backend yet. Set "
+            f"it back to True and pass {SUPPORTED}."
+        )
+    if not array_data_adapter.can_convert_arrays((x, y, sample_weight)):
+        raise ValueError(
+            "On several processes with `auto_shard_dataset=True`, the torch "
+            f"backend accepts {SUPPORTED}. Received: type(x)={type(x)}. "
+            "Generators and iterators cannot be split automatically: load "
+            "the data as arrays, or shard it yourself."
+        )
+
+
+def agree_on_order(adapter):
+    """`adapter`, with a torch loader whose shuffled epochs follow rank 0's
+    order on every rank."""
+    import torch
+
+    make_loader = adapter.get_torch_dataloader
+
+    def get_torch_dataloader():
+        loader = make_loader()
+        if not adapter._shuffle:
+            return loader
+        return torch.utils.data.DataLoader(
+            loader.dataset,
+            batch_sampler=RankZeroOrder(loader.batch_sampler),
+            collate_fn=loader.collate_fn,
+        )
+
+    adapter.get_torch_dataloader = get_torch_dataloader
+    return adapter
+
+
+class RankZeroOrder:
+    """Iterates `batch_sampler`'s batches in the order rank 0 drew."""
+
+    def __init__(self, batch_sampler):
+        self.batch_sampler = batch_sampler
+
+    def __iter__(self):
+        # A generator: like upstream's sampler, it draws its order at the
+        # first batch, after the loader drew its own seed.
+        import torch
+        import torch.distributed as dist
+
+        batches = [list(batch) for batch in self.batch_sampler]
+        indices = torch.tensor([i for batch in batches for i in batch])
+        dist.broadcast(indices, src=0)
+        start = 0
+        for batch in batches:  # Every rank's batch sizes are the same.
+            yield indices[start : start + len(batch)].tolist()
+            start += len(batch)
+
+    def __len__(self):
+        return len(self.batch_sampler)
 
 
 def apply(data_adapters_module):

@@ -100,6 +100,15 @@ KERAS_USED = (
         "keras.src.trainers.data_adapters.array_data_adapter",
         "can_convert_arrays",
     ),
+    # Rebuilt with rank 0's order when the adapter's `_shuffle` is set.
+    (
+        "keras.src.trainers.data_adapters.array_data_adapter",
+        "ArrayDataAdapter.get_torch_dataloader",
+    ),
+    (
+        "keras.src.distribution.distribution_lib",
+        "Distribution.auto_shard_dataset",
+    ),
     ("keras.src.utils.rng_utils", "get_random_seed"),
     ("keras.src.utils.rng_utils", "set_random_seed"),
     ("keras.src.testing", "TestCase"),

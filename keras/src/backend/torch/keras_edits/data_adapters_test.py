@@ -1,0 +1,205 @@
+"""Arrays split across processes: every sample used exactly once per epoch,
+every rank running the same steps, one shuffle for all, whatever each
+rank's random generators did before."""
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+import keras
+from keras.src import testing
+from keras.src.testing.multi_process import run_on_processes
+
+
+class RecordsIds(keras.layers.Layer):
+    """Passes its input through, recording the sample ids (column 0) this
+    rank computes with in each training or test step (not in the builds
+    Keras runs before)."""
+
+    seen = {True: [], False: []}
+    recording = False
+
+    def call(self, inputs, training=None):
+        if RecordsIds.recording:
+            local = inputs
+            if isinstance(inputs, DTensor):
+                local = inputs.to_local()
+            ids = local[:, 0].detach().round().long().tolist()
+            RecordsIds.seen[bool(training)].append(ids)
+        return inputs
+
+
+class StepsRecord(keras.callbacks.Callback):
+    def on_train_batch_begin(self, batch, logs=None):
+        RecordsIds.recording = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        RecordsIds.recording = False
+
+    on_test_batch_begin = on_train_batch_begin
+    on_test_batch_end = on_train_batch_end
+
+
+def _model():
+    inputs = keras.Input((3,), name="features")
+    x = RecordsIds()(inputs)
+    outputs = keras.layers.Dense(2)(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    return model
+
+
+def _arrays(samples):
+    ids = np.arange(samples, dtype="float32")
+    x = np.stack([ids, np.sin(ids), np.cos(ids)], axis=1).astype("float32")
+    y = np.stack([np.cos(ids), ids / samples], axis=1).astype("float32")
+    return x, y
+
+
+def _desynchronize_random_generators():
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    np.random.rand(rank + 1)
+    torch.rand(rank + 1)
+
+
+def _two_by_two():
+    devices = keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map["dense/kernel"] = (None, "model")
+    return keras.distribution.ModelParallel(layout_map=layout_map)
+
+
+def ids_seen(samples, batch_size, shuffle, validation, mesh="data"):
+    """Trains 2 epochs; returns the ids each training and validation call
+    of this rank computed with, and the logs."""
+    if mesh == "data":
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+    else:
+        keras.distribution.set_distribution(_two_by_two())
+    RecordsIds.seen = {True: [], False: []}
+    model = _model()
+    x, y = _arrays(samples)
+    _desynchronize_random_generators()
+    extra = {}
+    if validation == "split":
+        extra["validation_split"] = 0.25
+    elif validation == "data":
+        extra["validation_data"] = _arrays(5)
+    history = model.fit(
+        {"features": x},
+        y,
+        sample_weight=np.ones(samples, "float32"),
+        batch_size=batch_size,
+        epochs=2,
+        shuffle=shuffle,
+        verbose=0,
+        callbacks=[StepsRecord()],
+        **extra,
+    )
+    keras.distribution.set_distribution(None)
+    return RecordsIds.seen[True], RecordsIds.seen[False], history.history
+
+
+def evaluate_logs(samples, batch_size, distributed):
+    if distributed:
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+    keras.utils.set_random_seed(5)
+    model = _model()
+    x, y = _arrays(samples)
+    logs = model.evaluate(x, y, batch_size=batch_size, verbose=0)
+    keras.distribution.set_distribution(None)
+    return logs
+
+
+def refused(kind):
+    distribution = keras.distribution.DataParallel()
+    if kind == "no_auto_shard":
+        distribution.auto_shard_dataset = False
+    keras.distribution.set_distribution(distribution)
+    model = _model()
+    x, y = _arrays(8)
+
+    def generator():
+        while True:
+            yield x, y
+
+    data = generator() if kind == "generator" else x
+    try:
+        model.fit(data, y if kind != "generator" else None, steps_per_epoch=1)
+    except ValueError as error:
+        return str(error)
+    finally:
+        keras.distribution.set_distribution(None)
+    return None
+
+
+def _epochs(calls, steps_per_epoch):
+    return [
+        calls[i : i + steps_per_epoch]
+        for i in range(0, len(calls), steps_per_epoch)
+    ]
+
+
+class ArraySplitTest(testing.TestCase):
+    def assert_exactly_once(self, per_rank_calls, expected_ids, steps):
+        """Each epoch, the ranks ran `steps` steps each and together
+        computed with every id of `expected_ids` exactly once."""
+        epochs = [_epochs(calls, steps) for calls in per_rank_calls]
+        for rank_epochs in epochs:
+            self.assertLen(rank_epochs, 2)
+            for epoch in rank_epochs:
+                self.assertLen(epoch, steps)
+        for epoch in range(2):
+            ids = [
+                i
+                for rank_epochs in epochs
+                for call in rank_epochs[epoch]
+                for i in call
+            ]
+            self.assertEqual(sorted(ids), sorted(expected_ids))
+
+    def test_each_sample_once_per_epoch_on_every_rank_count(self):
+        # 22 samples in batches of 8: the last batch of 6 splits 2+2+2+0
+        # on 4 ranks, 3+3 on 2; 13 in batches of 4 leaves one sample, on
+        # rank 0 only.
+        for processes, samples, batch_size in ((2, 13, 4), (4, 22, 8)):
+            for shuffle in (False, True, "batch"):
+                results = run_on_processes(
+                    processes, ids_seen, samples, batch_size, shuffle, None
+                )
+                steps = -(-samples // batch_size)
+                self.assert_exactly_once(
+                    [r[0] for r in results], range(samples), steps
+                )
+                histories = [r[2] for r in results]
+                for history in histories[1:]:
+                    self.assertEqual(history, histories[0])
+
+    def test_ranks_of_one_model_replica_share_their_block(self):
+        # 2 x 2 mesh: ranks 0, 1 form replica 0, ranks 2, 3 replica 1.
+        results = run_on_processes(4, ids_seen, 14, 4, True, None, "2d")
+        calls = [r[0] for r in results]
+        self.assertEqual(calls[0], calls[1])
+        self.assertEqual(calls[2], calls[3])
+        self.assert_exactly_once([calls[0], calls[2]], range(14), 4)
+
+    def test_validation_samples_once_per_epoch(self):
+        results = run_on_processes(2, ids_seen, 16, 4, True, "split")
+        self.assert_exactly_once([r[0] for r in results], range(12), 3)
+        self.assert_exactly_once([r[1] for r in results], range(12, 16), 1)
+        results = run_on_processes(2, ids_seen, 16, 4, True, "data")
+        self.assert_exactly_once([r[1] for r in results], range(5), 2)
+
+    def test_uneven_evaluate_equals_single_process(self):
+        expected = evaluate_logs(22, 8, False)
+        for processes in (2, 4):
+            for logs in run_on_processes(processes, evaluate_logs, 22, 8, True):
+                self.assertAllClose(logs, expected, rtol=1e-6)
+
+    def test_inputs_that_cannot_be_split_are_refused_on_every_rank(self):
+        for message in run_on_processes(2, refused, "generator"):
+            self.assertIn("cannot be split automatically", message)
+        for message in run_on_processes(2, refused, "no_auto_shard"):
+            self.assertIn("auto_shard_dataset=False", message)
