@@ -130,3 +130,27 @@ def distribution(name, model_name):
     layout_map = keras.distribution.LayoutMap(mesh)
     MODELS[model_name][1](layout_map)
     return keras.distribution.ModelParallel(layout_map=layout_map)
+
+
+def ids_data(samples):
+    """Features whose column 0 is the sample's id, and targets."""
+    ids = np.arange(samples, dtype="float32")
+    x = np.stack([ids, np.sin(ids), np.cos(ids)], axis=1).astype("float32")
+    y = np.stack([np.cos(ids), ids / samples], axis=1).astype("float32")
+    return x, y
+
+
+class IdsDataset:
+    """`ids_data` as a map-style torch dataset (importable by name, so
+    that DataLoader workers can unpickle it)."""
+
+    def __init__(self, samples):
+        self.x, self.y = ids_data(samples)
+        self.loaded = 0  # Samples read, in this process.
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.loaded += 1
+        return self.x[i], self.y[i]

@@ -81,7 +81,10 @@ class WorkerPool:
                 target=_worker_main,
                 args=(rank, num_processes, port, theirs),
                 name=f"keras-test-rank-{rank}",
-                daemon=True,
+                # Not daemonic: a test body may start processes of its own
+                # (DataLoader workers). `shutdown` closes the pools at exit,
+                # and a worker whose parent is gone ends at its next read.
+                daemon=False,
             )
             process.start()
             theirs.close()

@@ -150,6 +150,8 @@ class LocalReplicas:
         def own_rows(value):
             if not _is_batch(value):
                 return value
+            if isinstance(value, DTensor):  # Laid out already: its block.
+                return value.to_local()
             if value.shape[0] != global_rows:
                 raise ValueError(
                     f"Model inputs disagree on the batch size: "

@@ -14,15 +14,19 @@ without a sign. Each epoch, every rank draws its order as upstream does,
 then takes rank 0's (one broadcast of the sample indices): rank 0 shuffles
 exactly as a single process would.
 
-Other inputs are refused with an error that says what to pass instead, on
-every rank before any collective can hang.
+A torch `DataLoader` is rebuilt so that each replica loads only its block
+of every global batch (`distributed_loader`); its `batch_size` is the
+global batch, as for arrays. Other inputs are refused with an error that
+says what to pass instead, on every rank before any collective can hang.
 """
 
 from keras.src.backend.torch.keras_edits import edit
 
 SUPPORTED = (
     "NumPy arrays or torch tensors holding the global data (the same on "
-    "every process; each process trains on its share of every batch)"
+    "every process; each process trains on its share of every batch), or "
+    "a torch DataLoader whose batch_size is the global batch (each process "
+    "loads its share)"
 )
 
 
@@ -54,6 +58,13 @@ def _get_data_adapter(upstream):
                 class_weight,
             )
         _check_input(x, y, sample_weight, distribution)
+        if is_torch_dataloader(x):
+            if y is not None or sample_weight is not None or class_weight:
+                raise ValueError(
+                    "A torch DataLoader yields the targets and sample weights "
+                    "itself: pass no `y`, `sample_weight` or `class_weight`."
+                )
+            return _split_loader(x, distribution)
         adapter = array_data_adapter.ArrayDataAdapter(
             x,
             y,
@@ -77,6 +88,8 @@ def _check_input(x, y, sample_weight, distribution):
             "of the data) is not supported on the torch backend yet. Set "
             f"it back to True and pass {SUPPORTED}."
         )
+    if is_torch_dataloader(x):
+        return
     if not array_data_adapter.can_convert_arrays((x, y, sample_weight)):
         raise ValueError(
             "On several processes with `auto_shard_dataset=True`, the torch "
@@ -84,6 +97,36 @@ def _check_input(x, y, sample_weight, distribution):
             "Generators and iterators cannot be split automatically: load "
             "the data as arrays, or shard it yourself."
         )
+
+
+def is_torch_dataloader(x):
+    from keras.src.trainers.data_adapters import is_torch_dataloader
+
+    return is_torch_dataloader(x)
+
+
+def _split_loader(loader, distribution):
+    """A Keras adapter for `loader` rebuilt to load this replica's blocks
+    of every global batch (see `distributed_loader`)."""
+    import torch
+    import torch.distributed as dist
+
+    from keras.src.backend.torch import distributed_loader
+    from keras.src.trainers.data_adapters.torch_data_loader_adapter import (
+        TorchDataLoaderAdapter,
+    )
+
+    mesh = distribution.device_mesh.backend_mesh
+    axis = distribution.batch_dim_name
+    seed = [torch.randint(2**62, ()).item()]
+    dist.broadcast_object_list(seed, src=0)
+    split = distributed_loader.distribute_loader(
+        loader,
+        replica=mesh.get_local_rank(axis),
+        replicas=mesh.size(mesh.mesh_dim_names.index(axis)),
+        seed=seed[0],
+    )
+    return TorchDataLoaderAdapter(split)
 
 
 def agree_on_order(adapter):

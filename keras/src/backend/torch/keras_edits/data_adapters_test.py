@@ -9,6 +9,7 @@ from torch.distributed.tensor import DTensor
 
 import keras
 from keras.src import testing
+from keras.src.testing import distribution_test_models as models
 from keras.src.testing.multi_process import run_on_processes
 
 
@@ -50,11 +51,7 @@ def _model():
     return model
 
 
-def _arrays(samples):
-    ids = np.arange(samples, dtype="float32")
-    x = np.stack([ids, np.sin(ids), np.cos(ids)], axis=1).astype("float32")
-    y = np.stack([np.cos(ids), ids / samples], axis=1).astype("float32")
-    return x, y
+_arrays = models.ids_data
 
 
 def _desynchronize_random_generators():
@@ -100,6 +97,45 @@ def ids_seen(samples, batch_size, shuffle, validation, mesh="data"):
     )
     keras.distribution.set_distribution(None)
     return RecordsIds.seen[True], RecordsIds.seen[False], history.history
+
+
+def loader_ids_seen(samples, batch_size, shuffle, workers, mesh="data"):
+    if mesh == "data":
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+    else:
+        keras.distribution.set_distribution(_two_by_two())
+    RecordsIds.seen = {True: [], False: []}
+    model = _model()
+    dataset = models.IdsDataset(samples)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        # Forked workers start in milliseconds; the split keeps the setting.
+        multiprocessing_context="fork" if workers else None,
+    )
+    _desynchronize_random_generators()
+    history = model.fit(
+        loader, epochs=2, verbose=0, callbacks=[StepsRecord()]
+    ).history
+    keras.distribution.set_distribution(None)
+    return RecordsIds.seen[True], history, dataset.loaded
+
+
+def loader_results(samples, batch_size, distributed):
+    """`evaluate` and `predict` logs on an unshuffled loader."""
+    if distributed:
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+    keras.utils.set_random_seed(5)
+    model = _model()
+    loader = torch.utils.data.DataLoader(
+        models.IdsDataset(samples), batch_size=batch_size
+    )
+    logs = model.evaluate(loader, verbose=0)
+    predictions = model.predict(loader, verbose=0)
+    keras.distribution.set_distribution(None)
+    return logs, predictions
 
 
 def evaluate_logs(samples, batch_size, distributed):
@@ -197,6 +233,51 @@ class ArraySplitTest(testing.TestCase):
         for processes in (2, 4):
             for logs in run_on_processes(processes, evaluate_logs, 22, 8, True):
                 self.assertAllClose(logs, expected, rtol=1e-6)
+
+    def test_data_loader_each_sample_once_per_epoch(self):
+        for processes, samples, batch_size, loaders in (
+            (2, 13, 4, ((False, 0), (True, 0), (True, 2))),
+            (4, 22, 8, ((False, 0), (True, 0))),
+        ):
+            for shuffle, workers in loaders:
+                results = run_on_processes(
+                    processes,
+                    loader_ids_seen,
+                    samples,
+                    batch_size,
+                    shuffle,
+                    workers,
+                )
+                steps = -(-samples // batch_size)
+                self.assert_exactly_once(
+                    [r[0] for r in results], range(samples), steps
+                )
+                for _, history, _ in results[1:]:
+                    self.assertEqual(history, results[0][1])
+                if not workers:  # Reads happen in this process: count.
+                    # Each rank reads its blocks only: 2 epochs of the data
+                    # in all, plus a batch Keras peeks at and placeholders
+                    # for empty blocks; reading whole batches would take
+                    # `processes` times as many.
+                    reads = sum(r[2] for r in results)
+                    self.assertLessEqual(
+                        reads, 2 * samples + processes * batch_size
+                    )
+
+    def test_data_loader_on_a_2d_mesh_splits_over_replicas(self):
+        results = run_on_processes(4, loader_ids_seen, 14, 4, True, 0, "2d")
+        calls = [r[0] for r in results]
+        self.assertEqual(calls[0], calls[1])
+        self.assertEqual(calls[2], calls[3])
+        self.assert_exactly_once([calls[0], calls[2]], range(14), 4)
+
+    def test_data_loader_evaluate_and_predict_equal_single_process(self):
+        expected_logs, expected_predictions = loader_results(13, 4, False)
+        for logs, predictions in run_on_processes(
+            2, loader_results, 13, 4, True
+        ):
+            self.assertAllClose(logs, expected_logs, rtol=1e-6)
+            self.assertAllClose(predictions, expected_predictions, rtol=1e-6)
 
     def test_inputs_that_cannot_be_split_are_refused_on_every_rank(self):
         for message in run_on_processes(2, refused, "generator"):

@@ -144,6 +144,8 @@ TORCH_USED = (
         "torch.distributed.tensor.placement_types",
         "Shard.local_shard_size_and_offset",
     ),
+    # Keras maps over batches with torch's pytree; LocalBlock is a node.
+    ("torch.utils._pytree", "register_pytree_node"),
     # A replicated DTensor's storage, shared by its local replica.
     ("torch.distributed.tensor", "DTensor._local_tensor"),
 )

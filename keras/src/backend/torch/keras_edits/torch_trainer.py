@@ -15,6 +15,7 @@ block of each.
 
 import warnings
 
+import torch
 from torch.distributed.tensor import DTensor
 
 from keras.src.backend.torch.keras_edits import edit
@@ -32,6 +33,38 @@ def distribute_batch(data, distribution):
         return distribution_lib.distribute_tensor(value, layout)
 
     return tree.map_structure(distribute, data)
+
+
+def assemble_global_batch(block, distribution):
+    """A `distributed_loader.LocalBlock` as the global batch it is a block
+    of: model inputs as DTensors over the batch axis (each rank holding its
+    block), targets and sample weights gathered whole, as the arrays path
+    holds them."""
+    from keras.src import tree
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(
+        tuple(block)
+    )
+
+    def as_global(local):
+        if local is None:
+            return None
+        shape = (block.global_rows,) + tuple(local.shape[1:])
+        layout = distribution.get_data_layout(shape)
+        mesh = layout.device_mesh.backend_mesh
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(
+            local, mesh, layout.backend_layout, shape=shape, stride=stride
+        )
+
+    def whole(local):
+        return None if local is None else as_global(local).full_tensor()
+
+    x = tree.map_structure(as_global, x)
+    y = tree.map_structure(whole, y)
+    sample_weight = tree.map_structure(whole, sample_weight)
+    return data_adapter_utils.pack_x_y_sample_weight(x, y, sample_weight)
 
 
 def distribute_inputs(data, distribution):
@@ -61,10 +94,18 @@ def distributed_step(step_function, model, kind):
             return step_function(distribute_inputs(data, distribution))
 
     def step(data):
+        from keras.src.backend.torch.distributed_loader import LocalBlock
+
         distribution = global_state.get_global_attribute("distribution")
         if distribution is None:
             return step_function(data)
         with dtensor_ops.implicit_replication():
+            data = [
+                assemble_global_batch(batch, distribution)
+                if isinstance(batch, LocalBlock)
+                else batch
+                for batch in data
+            ]
             replicas = local_replicas_for(model, distribution)
             if replicas is None:
                 _warn_if_not_compiled(model)
