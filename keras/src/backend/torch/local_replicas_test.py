@@ -56,47 +56,45 @@ def single_process(model_name, evaluate_first=False):
     return _fit(model_name, data_parallel=False, evaluate_first=evaluate_first)
 
 
-def wrapped_torch_module_numbers(data_parallel):
+def _fit_classifier(layers, data_parallel):
+    """Fits `Sequential(layers)` on the MLP data; returns its losses and
+    its `LocalReplicas` (None when none were made)."""
     keras.utils.set_random_seed(7)
     if data_parallel:
         keras.distribution.set_distribution(keras.distribution.DataParallel())
+    model = keras.Sequential([keras.Input((12,))] + layers())
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = models.data("mlp", samples=30)
+    history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+    keras.distribution.set_distribution(None)
+    return history.history["loss"], getattr(model, "_local_replicas", None)
+
+
+def _wrapped_torch_module():
     module = torch.nn.Sequential(
         torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
     )
-    model = keras.Sequential(
-        [keras.Input((12,)), keras.layers.TorchModuleWrapper(module)]
-    )
-    model.compile(
-        optimizer="adam",
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    x, y = models.data("mlp", samples=30)
-    history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
-    route = getattr(model, "_local_replicas", None)
-    keras.distribution.set_distribution(None)
-    return history.history["loss"], route is not None
+    return [keras.layers.TorchModuleWrapper(module)]
+
+
+def _regularized():
+    return [
+        keras.layers.Dense(16, activation="relu", kernel_regularizer="l2"),
+        keras.layers.Dense(4, activity_regularizer="l1"),
+    ]
+
+
+def wrapped_torch_module_numbers(data_parallel):
+    loss, replicas = _fit_classifier(_wrapped_torch_module, data_parallel)
+    return loss, replicas is not None
 
 
 def regularized_numbers(data_parallel):
-    keras.utils.set_random_seed(7)
-    if data_parallel:
-        keras.distribution.set_distribution(keras.distribution.DataParallel())
-    model = keras.Sequential(
-        [
-            keras.Input((12,)),
-            keras.layers.Dense(16, activation="relu", kernel_regularizer="l2"),
-            keras.layers.Dense(4, activity_regularizer="l1"),
-        ]
-    )
-    model.compile(
-        optimizer="adam",
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    x, y = models.data("mlp", samples=30)
-    history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
-    replicas = getattr(model, "_local_replicas", None)
-    keras.distribution.set_distribution(None)
-    return history.history["loss"], replicas and replicas.verdicts["train"]
+    loss, replicas = _fit_classifier(_regularized, data_parallel)
+    return loss, replicas and replicas.verdicts["train"]
 
 
 def model_parallel_compiled():

@@ -68,14 +68,19 @@ def _two_by_two():
     return keras.distribution.ModelParallel(layout_map=layout_map)
 
 
-def ids_seen(samples, batch_size, shuffle, validation, mesh="data"):
-    """Trains 2 epochs; returns the ids each training and validation call
-    of this rank computed with, and the logs."""
+def _start(mesh):
+    """Sets the distribution ("data" or "2d") and clears the records."""
     if mesh == "data":
         keras.distribution.set_distribution(keras.distribution.DataParallel())
     else:
         keras.distribution.set_distribution(_two_by_two())
     RecordsIds.seen = {True: [], False: []}
+
+
+def ids_seen(samples, batch_size, shuffle, validation, mesh="data"):
+    """Trains 2 epochs; returns the ids each training and validation call
+    of this rank computed with, and the logs."""
+    _start(mesh)
     model = _model()
     x, y = _arrays(samples)
     _desynchronize_random_generators()
@@ -100,11 +105,7 @@ def ids_seen(samples, batch_size, shuffle, validation, mesh="data"):
 
 
 def loader_ids_seen(samples, batch_size, shuffle, workers, mesh="data"):
-    if mesh == "data":
-        keras.distribution.set_distribution(keras.distribution.DataParallel())
-    else:
-        keras.distribution.set_distribution(_two_by_two())
-    RecordsIds.seen = {True: [], False: []}
+    _start(mesh)
     model = _model()
     dataset = models.IdsDataset(samples)
     loader = torch.utils.data.DataLoader(
