@@ -34,6 +34,7 @@ decides alike, as every rank sees the same values.
 
 import contextlib
 import functools
+import math
 import threading
 
 import torch
@@ -69,7 +70,8 @@ def eligible(distribution):
 
 
 class LocalReplicas:
-    """A model's variables and its optimizer's, read as local replicas.
+    """A model's variables, its metrics' and its optimizer's, read as
+    local replicas.
 
     Args:
         model: a built Keras model whose variables are replicated DTensors
@@ -161,7 +163,8 @@ class LocalReplicas:
 
         args, kwargs = tree.map_structure(own_rows, (args, kwargs))
         outputs = self._forward(*args, **kwargs)
-        gather = _bytes(outputs) * len(self.rows) <= GATHER_BYTES
+        # Decided from global sizes, so that every rank decides alike.
+        gather = _global_bytes(outputs, global_rows) <= GATHER_BYTES
         return tree.map_structure(
             self._gathered if gather else self._batch_sharded, outputs
         )
@@ -262,11 +265,11 @@ def _forward_of(model, compiled=True):
     whole, see `torch_trainer`). Compiled once per model and kept."""
     if not (model.jit_compile and compiled):
         return functools.partial(type(model).call, model)
-    compiled = model.__dict__.get("_compiled_forward")
-    if compiled is None:
-        compiled = torch.compile(functools.partial(type(model).call, model))
-        model.__dict__["_compiled_forward"] = compiled
-    return compiled
+    forward = model.__dict__.get("_compiled_forward")
+    if forward is None:
+        forward = torch.compile(functools.partial(type(model).call, model))
+        model.__dict__["_compiled_forward"] = forward
+    return forward
 
 
 @contextlib.contextmanager
@@ -345,6 +348,17 @@ def _local(tensor):
 
 def _is_batch(value):
     return isinstance(value, torch.Tensor) and value.ndim > 0
+
+
+def _global_bytes(outputs, global_rows):
+    """The bytes of batch-major local `outputs` over the global batch."""
+    from keras.src import tree
+
+    return sum(
+        t.element_size() * math.prod(t.shape[1:]) * global_rows
+        for t in tree.flatten(outputs)
+        if isinstance(t, torch.Tensor)
+    )
 
 
 def _bytes(structure):

@@ -1,16 +1,26 @@
 """Companion of `keras/src/backend/torch/trainer.py`.
 
-Upstream, `TorchTrainer`'s step functions distribute each batch the way the
-JAX trainer does: with a distribution set, every input array becomes a
-DTensor laid out by `distribution.get_data_layout(shape)`, and the step runs
-with plain tensors treated as replicated. Variables are DTensors already
-(see `torch_core`), so DTensor's sharding propagation inserts every
-collective; logs and predictions come out as global values through
-`convert_to_numpy`.
+Upstream, `TorchTrainer`'s step functions run on distributed batches, as
+the JAX trainer's do, by one of two routes (see `local_replicas`):
+
+- Under `DataParallel`, steps run on local replicas: each rank computes
+  with its rows of the global batch on plain tensors, and gradients are
+  summed in buckets during backward.
+- Otherwise (and for the first step of each kind, which tells whether a
+  `DataParallel` model may take the first route) the model inputs become
+  DTensors laid out by `distribution.get_data_layout(shape)`, variables are
+  DTensors already (see `torch_core`), and DTensor's sharding propagation
+  inserts the collectives. Gradients are laid out like their weights as
+  they accumulate (`gradient_buckets`).
+
+Either way the loss and the metrics are computed from global outputs and
+targets, and logs and predictions come out as global values.
 
 `batch_size` is the global batch, as on JAX: every rank iterates the same
-global batches (the same seed gives the same shuffle) and keeps its own
-block of each.
+global batches (rank 0's shuffle, see `data_adapters`) and keeps its own
+block of each, or loads only that block from a split `DataLoader`
+(`distributed_loader`), which `assemble_global_batch` puts back together.
+`jit_compile` compiles the model's forward pass, not the whole step.
 """
 
 import warnings
@@ -140,18 +150,17 @@ def local_replicas_for(model, distribution):
 
     if not local_replicas.eligible(distribution):
         return None
-    from keras.src.backend.torch import distribution_lib
-
-    replicas = getattr(model, "_local_replicas", None)
+    replicas = model.__dict__.get("_local_replicas")
     if replicas is None or replicas.stale():
-        mesh = distribution_lib._to_backend_mesh(distribution.device_mesh)
+        mesh = distribution.device_mesh.backend_mesh
         try:
             replicas = local_replicas.LocalReplicas(
                 model, mesh, distribution.batch_dim_name, previous=replicas
             )
         except local_replicas.NotReplicated:
             return None
-        model._local_replicas = replicas
+        # In `__dict__`: kept out of Keras's attribute tracking.
+        model.__dict__["_local_replicas"] = replicas
     return replicas
 
 
@@ -160,11 +169,12 @@ def reduce_gradients_on_accumulation(model):
     as they accumulate (see `gradient_buckets`), replacing earlier hooks."""
     from keras.src.backend.torch import gradient_buckets
 
-    for handle in getattr(model, "_gradient_hooks", ()):
+    for handle in model.__dict__.get("_gradient_hooks", ()):
         handle.remove()
     weights = [v.value for v in model.trainable_variables]
     weights = [w for w in weights if isinstance(w, DTensor)]
-    model._gradient_hooks = gradient_buckets.reduce_on_accumulation(weights)
+    hooks = gradient_buckets.reduce_on_accumulation(weights)
+    model.__dict__["_gradient_hooks"] = hooks
 
 
 def _make_distributed(kind):
@@ -174,9 +184,9 @@ def _make_distributed(kind):
             upstream(self, force=force)
             if kind == "train":
                 reduce_gradients_on_accumulation(self)
-                if getattr(self, "_local_replicas", None) is not None:
-                    self._local_replicas.invalidate()  # Trainable set may
-                    # have changed.
+                replicas = self.__dict__.get("_local_replicas")
+                if replicas is not None:  # The trainable set may differ.
+                    replicas.invalidate()
             attribute = f"{kind}_function"
             function = getattr(self, attribute)
             if getattr(function, "upstream", None) is None:
