@@ -154,3 +154,19 @@ class IdsDataset:
     def __getitem__(self, i):
         self.loaded += 1
         return self.x[i], self.y[i]
+
+
+class IdsPyDataset(keras.utils.PyDataset):
+    """`ids_data` in batches of `batch_size`, as a `PyDataset`."""
+
+    def __init__(self, samples, batch_size, **options):
+        super().__init__(**options)
+        self.x, self.y = ids_data(samples)
+        self.batch_size = batch_size
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, index):
+        rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return self.x[rows], self.y[rows]

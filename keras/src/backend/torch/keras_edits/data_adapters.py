@@ -16,17 +16,20 @@ exactly as a single process would.
 
 A torch `DataLoader` is rebuilt so that each replica loads only its block
 of every global batch (`distributed_loader`); its `batch_size` is the
-global batch, as for arrays. Other inputs are refused with an error that
-says what to pass instead, on every rank before any collective can hang.
+global batch, as for arrays. A `PyDataset` is read whole on every rank,
+like arrays, its batches shuffled in an order every rank shares. Other
+inputs are refused with an error that says what to pass instead, on every
+rank before any collective can hang.
 """
 
 from keras.src.backend.torch.keras_edits import edit
 
 SUPPORTED = (
     "NumPy arrays or torch tensors holding the global data (the same on "
-    "every process; each process trains on its share of every batch), or "
-    "a torch DataLoader whose batch_size is the global batch (each process "
-    "loads its share)"
+    "every process; each process trains on its share of every batch), a "
+    "keras.utils.PyDataset returning the same global batches on every "
+    "process, or a torch DataLoader whose batch_size is the global batch "
+    "(each process loads its share)"
 )
 
 
@@ -58,11 +61,13 @@ def _get_data_adapter(upstream):
                 class_weight,
             )
         _check_input(x, y, sample_weight, distribution)
+        if _is_py_dataset(x):
+            return _agreed_py_dataset_adapter(x, shuffle, class_weight)
         if is_torch_dataloader(x):
-            if y is not None or sample_weight is not None or class_weight:
+            if class_weight:
                 raise ValueError(
-                    "A torch DataLoader yields the targets and sample weights "
-                    "itself: pass no `y`, `sample_weight` or `class_weight`."
+                    "A torch DataLoader yields its sample weights itself: "
+                    "pass no `class_weight`."
                 )
             return _split_loader(x, distribution)
         adapter = array_data_adapter.ArrayDataAdapter(
@@ -88,7 +93,12 @@ def _check_input(x, y, sample_weight, distribution):
             "of the data) is not supported on the torch backend yet. Set "
             f"it back to True and pass {SUPPORTED}."
         )
-    if is_torch_dataloader(x):
+    if is_torch_dataloader(x) or _is_py_dataset(x):
+        if y is not None or sample_weight is not None:
+            raise ValueError(
+                f"A {type(x).__name__} yields the targets and sample "
+                "weights itself: pass no `y` or `sample_weight`."
+            )
         return
     if not array_data_adapter.can_convert_arrays((x, y, sample_weight)):
         raise ValueError(
@@ -97,6 +107,72 @@ def _check_input(x, y, sample_weight, distribution):
             "Generators and iterators cannot be split automatically: load "
             "the data as arrays, or shard it yourself."
         )
+
+
+def _is_py_dataset(x):
+    from keras.src.trainers.data_adapters import py_dataset_adapter
+
+    return isinstance(x, py_dataset_adapter.PyDataset)
+
+
+def _agreed_py_dataset_adapter(dataset, shuffle, class_weight):
+    """A `PyDataset` read whole on every rank, like arrays: batch `i` is
+    global batch `i`, of which each rank keeps its block. Shuffling
+    permutes the batches in an order every rank shares (Keras shuffles
+    them with Python's `random`, which ranks do not share)."""
+    import torch
+    import torch.distributed as dist
+
+    from keras.src.trainers.data_adapters import py_dataset_adapter
+
+    if shuffle and dataset.num_batches is not None:
+        seed = [torch.randint(2**62, ()).item()]
+        dist.broadcast_object_list(seed, src=0)
+        dataset = AgreedOrderPyDataset(dataset, seed[0])
+    return py_dataset_adapter.PyDatasetAdapter(
+        dataset, class_weight=class_weight, shuffle=False
+    )
+
+
+def _py_dataset_base():
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDataset
+
+    return PyDataset
+
+
+class AgreedOrderPyDataset(_py_dataset_base()):
+    """`dataset`'s batches, in an order drawn from `seed` plus the epoch."""
+
+    def __init__(self, dataset, seed):
+        super().__init__(
+            workers=dataset.workers,
+            use_multiprocessing=dataset.use_multiprocessing,
+            max_queue_size=dataset.max_queue_size,
+        )
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self._draw_order()
+
+    def _draw_order(self):
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        count = self.dataset.num_batches
+        self.order = torch.randperm(count, generator=generator).tolist()
+
+    @property
+    def num_batches(self):
+        return self.dataset.num_batches
+
+    def __getitem__(self, index):
+        return self.dataset[self.order[index]]
+
+    def on_epoch_begin(self):
+        self.dataset.on_epoch_begin()
+
+    def on_epoch_end(self):
+        self.dataset.on_epoch_end()
+        self.epoch += 1
+        self._draw_order()
 
 
 def is_torch_dataloader(x):

@@ -2,6 +2,8 @@
 every rank running the same steps, one shuffle for all, whatever each
 rank's random generators did before."""
 
+import random
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -58,6 +60,7 @@ def _desynchronize_random_generators():
     rank = dist.get_rank() if dist.is_initialized() else 0
     np.random.rand(rank + 1)
     torch.rand(rank + 1)
+    random.seed(1000 + rank)  # Python's own generator, apart per rank.
 
 
 def _two_by_two():
@@ -122,6 +125,22 @@ def loader_ids_seen(samples, batch_size, shuffle, workers, mesh="data"):
     ).history
     keras.distribution.set_distribution(None)
     return RecordsIds.seen[True], history, dataset.loaded
+
+
+def py_dataset_ids_seen(samples, batch_size, shuffle, workers):
+    _start("data")
+    model = _model()
+    dataset = models.IdsPyDataset(samples, batch_size, workers=workers)
+    _desynchronize_random_generators()
+    history = model.fit(
+        dataset,
+        epochs=2,
+        shuffle=shuffle,
+        verbose=0,
+        callbacks=[StepsRecord()],
+    ).history
+    keras.distribution.set_distribution(None)
+    return RecordsIds.seen[True], history
 
 
 def loader_results(samples, batch_size, distributed):
@@ -264,6 +283,25 @@ class ArraySplitTest(testing.TestCase):
                     self.assertLessEqual(
                         reads, 2 * samples + processes * batch_size
                     )
+
+    def test_py_dataset_each_sample_once_per_epoch(self):
+        # Python's `random` (Keras's PyDataset shuffle) differs per rank.
+        for shuffle in (False, True):
+            results = run_on_processes(
+                2, py_dataset_ids_seen, 13, 4, shuffle, 1
+            )
+            self.assert_exactly_once([r[0] for r in results], range(13), 4)
+            self.assertEqual(results[0][1], results[1][1])
+
+    def test_py_dataset_with_worker_threads_keeps_ranks_together(self):
+        # Keras's own worker threads do not keep one process to each batch
+        # once per epoch (they repeat and skip some, on one process too),
+        # but every rank still computes with blocks of the same batches.
+        results = run_on_processes(2, py_dataset_ids_seen, 13, 4, True, 2)
+        for rank_0, rank_1 in zip(results[0][0], results[1][0]):
+            union = sorted(rank_0 + rank_1)
+            first = union[0] - union[0] % 4
+            self.assertEqual(union, list(range(first, min(first + 4, 13))))
 
     def test_data_loader_on_a_2d_mesh_splits_over_replicas(self):
         results = run_on_processes(4, loader_ids_seen, 14, 4, True, 0, "2d")
