@@ -104,8 +104,9 @@ def _check_input(x, y, sample_weight, distribution):
         raise ValueError(
             "On several processes with `auto_shard_dataset=True`, the torch "
             f"backend accepts {SUPPORTED}. Received: type(x)={type(x)}. "
-            "Generators and iterators cannot be split automatically: load "
-            "the data as arrays, or shard it yourself."
+            "Generators and iterators cannot be split automatically: wrap "
+            "the data in a keras.utils.PyDataset or a torch DataLoader, or "
+            "load it as arrays."
         )
 
 
@@ -120,15 +121,10 @@ def _agreed_py_dataset_adapter(dataset, shuffle, class_weight):
     global batch `i`, of which each rank keeps its block. Shuffling
     permutes the batches in an order every rank shares (Keras shuffles
     them with Python's `random`, which ranks do not share)."""
-    import torch
-    import torch.distributed as dist
-
     from keras.src.trainers.data_adapters import py_dataset_adapter
 
     if shuffle and dataset.num_batches is not None:
-        seed = [torch.randint(2**62, ()).item()]
-        dist.broadcast_object_list(seed, src=0)
-        dataset = AgreedOrderPyDataset(dataset, seed[0])
+        dataset = AgreedOrderPyDataset(dataset, agreed_seed())
     return py_dataset_adapter.PyDatasetAdapter(
         dataset, class_weight=class_weight, shuffle=False
     )
@@ -175,6 +171,17 @@ class AgreedOrderPyDataset(_py_dataset_base()):
         self._draw_order()
 
 
+def agreed_seed():
+    """A shuffle seed drawn by rank 0 (from its torch generator, so that a
+    seeded run repeats) and received by every rank."""
+    import torch
+    import torch.distributed as dist
+
+    seed = [torch.randint(2**62, ()).item()]
+    dist.broadcast_object_list(seed, src=0)
+    return seed[0]
+
+
 def is_torch_dataloader(x):
     from keras.src.trainers.data_adapters import is_torch_dataloader
 
@@ -184,8 +191,6 @@ def is_torch_dataloader(x):
 def _split_loader(loader, distribution):
     """A Keras adapter for `loader` rebuilt to load this replica's blocks
     of every global batch (see `distributed_loader`)."""
-    import torch
-    import torch.distributed as dist
 
     from keras.src.backend.torch import distributed_loader
     from keras.src.trainers.data_adapters.torch_data_loader_adapter import (
@@ -194,13 +199,11 @@ def _split_loader(loader, distribution):
 
     mesh = distribution.device_mesh.backend_mesh
     axis = distribution.batch_dim_name
-    seed = [torch.randint(2**62, ()).item()]
-    dist.broadcast_object_list(seed, src=0)
     split = distributed_loader.distribute_loader(
         loader,
         replica=mesh.get_local_rank(axis),
         replicas=mesh.size(mesh.mesh_dim_names.index(axis)),
-        seed=seed[0],
+        seed=agreed_seed(),
     )
     return TorchDataLoaderAdapter(split)
 
