@@ -157,16 +157,20 @@ class IdsDataset:
 
 
 class IdsPyDataset(keras.utils.PyDataset):
-    """`ids_data` in batches of `batch_size`, as a `PyDataset`."""
+    """`ids_data` in batches of `batch_size`, as a `PyDataset`; an
+    `infinite` one starts over after the last batch."""
 
-    def __init__(self, samples, batch_size, **options):
+    def __init__(self, samples, batch_size, infinite=False, **options):
         super().__init__(**options)
         self.x, self.y = ids_data(samples)
         self.batch_size = batch_size
+        self.infinite = infinite
 
-    def __len__(self):
-        return -(-len(self.x) // self.batch_size)
+    @property
+    def num_batches(self):
+        return None if self.infinite else -(-len(self.x) // self.batch_size)
 
     def __getitem__(self, index):
+        index %= -(-len(self.x) // self.batch_size)
         rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
         return self.x[rows], self.y[rows]

@@ -143,6 +143,31 @@ def py_dataset_ids_seen(samples, batch_size, shuffle, workers):
     return RecordsIds.seen[True], history
 
 
+def steps_ids(kind, distributed):
+    """Per training and validation step, the ids this rank computed with,
+    under Keras's step options: `steps_per_epoch` short of the data, an
+    infinite PyDataset, `validation_steps`."""
+    if distributed:
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+    RecordsIds.seen = {True: [], False: []}
+    model = _model()
+    options = dict(epochs=3, steps_per_epoch=2, shuffle=False, verbose=0)
+    if kind == "arrays":
+        data = _arrays(13)
+        options.update(batch_size=4, validation_data=_arrays(6))
+        options.update(validation_steps=1, validation_batch_size=4)
+    elif kind == "infinite_py_dataset":
+        data = (models.IdsPyDataset(13, 4, infinite=True),)
+    else:
+        loader = torch.utils.data.DataLoader(
+            models.IdsDataset(13), batch_size=4
+        )
+        data = (loader,)
+    model.fit(*data, callbacks=[StepsRecord()], **options)
+    keras.distribution.set_distribution(None)
+    return RecordsIds.seen[True], RecordsIds.seen[False]
+
+
 def loader_results(samples, batch_size, distributed):
     """`evaluate` and `predict` logs on an unshuffled loader."""
     if distributed:
@@ -317,6 +342,19 @@ class ArraySplitTest(testing.TestCase):
         ):
             self.assertAllClose(logs, expected_logs, rtol=1e-6)
             self.assertAllClose(predictions, expected_predictions, rtol=1e-6)
+
+    def test_step_options_keep_the_single_process_batches(self):
+        # Each step, the ranks' blocks make up the batch one process
+        # computes with at that step, and every rank runs every step.
+        for kind in ("arrays", "infinite_py_dataset", "loader"):
+            expected = steps_ids(kind, False)
+            results = run_on_processes(2, steps_ids, kind, True)
+            for training in (0, 1):
+                per_rank = [r[training] for r in results]
+                self.assertLen(per_rank[0], len(expected[training]))
+                self.assertLen(per_rank[1], len(expected[training]))
+                union = [sorted(a + b) for a, b in zip(*per_rank)]
+                self.assertEqual(union, expected[training], kind)
 
     def test_inputs_that_cannot_be_split_are_refused_on_every_rank(self):
         for message in run_on_processes(2, refused, "generator"):
