@@ -17,7 +17,8 @@ all-reduce it three times, all after backward ends. Two remedies:
   Buckets launch strictly in order, so every rank issues the same
   collectives in the same order whatever order its hooks fire in.
 - `reduce_on_accumulation`, for DTensor weights, lays each gradient out
-  like its weight as soon as it has accumulated: one reduction per weight.
+  like its weight when backward ends, in a fixed order: one reduction per
+  weight.
 """
 
 import torch
@@ -124,18 +125,33 @@ class GradientBuckets:
 
 
 def reduce_on_accumulation(weights):
-    """Lays each DTensor weight's gradient out like the weight, as soon as
-    it has accumulated.
+    """Lays each DTensor weight's gradient out like the weight once
+    backward ends: once per weight, where the optimizer would do it at each
+    read.
+
+    The reductions run at the end of backward, in the order of `weights`,
+    not from each weight's hook: collectives issued in the middle of
+    backward would interleave with the graph's own in an order that the
+    ranks need not share, and mismatched collectives corrupt memory.
 
     Args:
-        weights: DTensor parameters.
+        weights: DTensor parameters, in the same order on every rank.
 
     Returns:
         The hook handles, to `remove()` them.
     """
+    pending = set()
+
+    def finish():
+        for weight in weights:
+            if id(weight) in pending:
+                weight.grad = as_layout_of(weight.grad, weight)
+        pending.clear()
 
     def hook(weight):
-        weight.grad = as_layout_of(weight.grad, weight)
+        if not pending:
+            torch.autograd.Variable._execution_engine.queue_callback(finish)
+        pending.add(id(weight))
 
     return [w.register_post_accumulate_grad_hook(hook) for w in weights]
 

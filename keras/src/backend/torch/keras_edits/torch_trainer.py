@@ -10,8 +10,8 @@ the JAX trainer's do, by one of two routes (see `local_replicas`):
   `DataParallel` model may take the first route) the model inputs become
   DTensors laid out by `distribution.get_data_layout(shape)`, variables are
   DTensors already (see `torch_core`), and DTensor's sharding propagation
-  inserts the collectives. Gradients are laid out like their weights as
-  they accumulate (`gradient_buckets`).
+  inserts the collectives. Gradients are laid out like their weights once,
+  when backward ends (`gradient_buckets`).
 
 Either way the loss and the metrics are computed from global outputs and
 targets, and logs and predictions come out as global values.
@@ -165,8 +165,8 @@ def local_replicas_for(model, distribution):
 
 
 def reduce_gradients_on_accumulation(model):
-    """Gives `model`'s DTensor weights gradients laid out like them as soon
-    as they accumulate (see `gradient_buckets`), replacing earlier hooks."""
+    """Gives `model`'s DTensor weights gradients laid out like them when
+    backward ends (see `gradient_buckets`), replacing earlier hooks."""
     from keras.src.backend.torch import gradient_buckets
 
     for handle in model.__dict__.get("_gradient_hooks", ()):
