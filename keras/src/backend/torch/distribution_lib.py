@@ -185,7 +185,9 @@ def distribute_variable(value, layout, name=None):
     )
 
 
-def distribute_data_input(per_process_batch, layout, batch_dim_name):
+def distribute_data_input(
+    per_process_batch, layout, batch_dim_name, global_rows=None
+):
     """Distribute the input data with the corresponding layout.
 
     Args:
@@ -196,10 +198,12 @@ def distribute_data_input(per_process_batch, layout, batch_dim_name):
         layout: `TensorLayout` for the global batch.
         batch_dim_name: the mesh axis over which processes hold different
             data.
+        global_rows: the global batch size, when the blocks may differ in
+            size (split as `torch.chunk` splits); by default every process
+            holds a slice of the same size.
 
     Returns:
-        A `DTensor` for the global batch, assuming that every process holds
-        a slice of the same size.
+        A `DTensor` for the global batch.
     """
     mesh, placements = _mesh_and_placements(layout)
     batch = _as_local_tensor(per_process_batch)
@@ -209,8 +213,20 @@ def distribute_data_input(per_process_batch, layout, batch_dim_name):
         placement if name == batch_dim_name else Replicate()
         for name, placement in zip(mesh.mesh_dim_names, placements)
     ]
-    batch = DTensor.from_local(batch, mesh, held, run_check=False)
+    batch = from_block(batch, mesh, held, global_rows)
     return _relayout(batch, mesh, placements)
+
+
+def from_block(block, mesh, placements, global_rows=None):
+    """The DTensor of which `block` is this rank's block, dim 0 of the
+    global tensor having `global_rows` rows (by default, equal blocks)."""
+    if global_rows is None:
+        return DTensor.from_local(block, mesh, placements, run_check=False)
+    shape = (global_rows,) + tuple(block.shape[1:])
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(
+        block, mesh, placements, shape=shape, stride=stride
+    )
 
 
 def _to_backend_device(device_name):

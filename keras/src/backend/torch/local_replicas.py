@@ -192,14 +192,14 @@ class LocalReplicas:
         return _GatherRows.apply(local, self.rows, self.rank, group)
 
     def _as_dtensor(self, local):
+        from keras.src.backend.torch import distribution_lib
+
         dim = self.mesh.mesh_dim_names.index(self.batch_axis)
-        global_rows = sum(size for size, _ in self.rows)
-        shape = (global_rows,) + tuple(local.shape[1:])
         placements = [Replicate()] * self.mesh.ndim
         placements[dim] = Shard(0)
-        stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(
-            local, self.mesh, placements, shape=shape, stride=stride
+        global_rows = sum(size for size, _ in self.rows)
+        return distribution_lib.from_block(
+            local, self.mesh, placements, global_rows
         )
 
     # The exact first step of each kind.

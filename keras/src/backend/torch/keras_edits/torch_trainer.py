@@ -25,7 +25,6 @@ block of each, or loads only that block from a split `DataLoader`
 
 import warnings
 
-import torch
 from torch.distributed.tensor import DTensor
 
 from keras.src.backend.torch.keras_edits import edit
@@ -51,6 +50,7 @@ def assemble_global_batch(block, distribution):
     block), targets and sample weights gathered whole, as the arrays path
     holds them."""
     from keras.src import tree
+    from keras.src.backend.torch import distribution_lib
     from keras.src.trainers.data_adapters import data_adapter_utils
 
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(
@@ -61,11 +61,11 @@ def assemble_global_batch(block, distribution):
         if local is None:
             return None
         shape = (block.global_rows,) + tuple(local.shape[1:])
-        layout = distribution.get_data_layout(shape)
-        mesh = layout.device_mesh.backend_mesh
-        stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(
-            local, mesh, layout.backend_layout, shape=shape, stride=stride
+        return distribution_lib.distribute_data_input(
+            local,
+            distribution.get_data_layout(shape),
+            distribution.batch_dim_name,
+            global_rows=block.global_rows,
         )
 
     def whole(local):
