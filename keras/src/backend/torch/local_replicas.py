@@ -379,18 +379,24 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local, rows, rank, group):
         ctx.offset, ctx.size = rows[rank][1], rows[rank][0]
-        longest = max(size for size, _ in rows)
-        padded = local.new_zeros((longest,) + tuple(local.shape[1:]))
-        padded[: local.shape[0]] = local
-        gathered = local.new_empty((longest * len(rows),) + padded.shape[1:])
-        dist.all_gather_single(gathered, padded, group=group)
-        pieces = [
-            gathered[i * longest : i * longest + size]
-            for i, (size, _) in enumerate(rows)
-        ]
-        return torch.cat(pieces)
+        return gather_rows(local, [size for size, _ in rows], group)
 
     @staticmethod
     def backward(ctx, grad):
         own = grad[ctx.offset : ctx.offset + ctx.size]
         return own, None, None, None
+
+
+def gather_rows(local, sizes, group):
+    """The concatenation of every rank's `local` rows, in `group`'s rank
+    order, where rank `i` holds `sizes[i]` rows."""
+    longest = max(sizes)
+    padded = local.new_zeros((longest,) + tuple(local.shape[1:]))
+    padded[: local.shape[0]] = local
+    gathered = local.new_empty((longest * len(sizes),) + padded.shape[1:])
+    dist.all_gather_into_tensor(gathered, padded, group=group)
+    pieces = [
+        gathered[i * longest : i * longest + size]
+        for i, size in enumerate(sizes)
+    ]
+    return torch.cat(pieces)

@@ -17,9 +17,14 @@ exactly as a single process would.
 A torch `DataLoader` is rebuilt so that each replica loads only its block
 of every global batch (`distributed_loader`); its `batch_size` is the
 global batch, as for arrays. A `PyDataset` is read whole on every rank,
-like arrays, its batches shuffled in an order every rank shares. Other
-inputs are refused with an error that says what to pass instead, on every
-rank before any collective can hang.
+like arrays, its batches shuffled in an order every rank shares. A
+batched `tf.data.Dataset` is iterated whole on every rank, each keeping
+its block of every batch (`tf_dataset_split`). Other inputs are refused
+with an error that says what to pass instead, on every rank before any
+collective can hang.
+
+With `auto_shard_dataset=False`, each process's data, of any type, is its
+own block of the global batches (`process_local_data`).
 """
 
 from keras.src.backend.torch.keras_edits import edit
@@ -27,9 +32,9 @@ from keras.src.backend.torch.keras_edits import edit
 SUPPORTED = (
     "NumPy arrays or torch tensors holding the global data (the same on "
     "every process; each process trains on its share of every batch), a "
-    "keras.utils.PyDataset returning the same global batches on every "
-    "process, or a torch DataLoader whose batch_size is the global batch "
-    "(each process loads its share)"
+    "keras.utils.PyDataset or a tf.data.Dataset returning the same "
+    "global batches on every process, or a torch DataLoader whose "
+    "batch_size is the global batch (each process loads its share)"
 )
 
 
@@ -60,7 +65,20 @@ def _get_data_adapter(upstream):
                 shuffle,
                 class_weight,
             )
-        _check_input(x, y, sample_weight, distribution)
+        if not distribution.auto_shard_dataset:
+            adapter = upstream(
+                x,
+                y,
+                sample_weight,
+                batch_size,
+                steps_per_epoch,
+                shuffle,
+                class_weight,
+            )
+            return _process_local(adapter, distribution)
+        _check_input(x, y, sample_weight)
+        if is_tf_dataset(x):
+            return _split_tf_dataset(x, class_weight, distribution)
         if _is_py_dataset(x):
             return _agreed_py_dataset_adapter(x, shuffle, class_weight)
         if is_torch_dataloader(x):
@@ -84,16 +102,10 @@ def _get_data_adapter(upstream):
     return get_data_adapter
 
 
-def _check_input(x, y, sample_weight, distribution):
+def _check_input(x, y, sample_weight):
     from keras.src.trainers.data_adapters import array_data_adapter
 
-    if not distribution.auto_shard_dataset:
-        raise ValueError(
-            "`auto_shard_dataset=False` (each process passing its own part "
-            "of the data) is not supported on the torch backend yet. Set "
-            f"it back to True and pass {SUPPORTED}."
-        )
-    if is_torch_dataloader(x) or _is_py_dataset(x):
+    if is_torch_dataloader(x) or _is_py_dataset(x) or is_tf_dataset(x):
         if y is not None or sample_weight is not None:
             raise ValueError(
                 f"A {type(x).__name__} yields the targets and sample "
@@ -105,8 +117,10 @@ def _check_input(x, y, sample_weight, distribution):
             "On several processes with `auto_shard_dataset=True`, the torch "
             f"backend accepts {SUPPORTED}. Received: type(x)={type(x)}. "
             "Generators and iterators cannot be split automatically: wrap "
-            "the data in a keras.utils.PyDataset or a torch DataLoader, or "
-            "load it as arrays."
+            "the data in a keras.utils.PyDataset or a torch DataLoader, "
+            "or load it as arrays; or give each process its own part of "
+            "every global batch and set `distribution.auto_shard_dataset "
+            "= False`."
         )
 
 
@@ -197,15 +211,59 @@ def _split_loader(loader, distribution):
         TorchDataLoaderAdapter,
     )
 
-    mesh = distribution.device_mesh.backend_mesh
-    axis = distribution.batch_dim_name
+    replica, replicas = _replica_of(distribution)
     split = distributed_loader.distribute_loader(
-        loader,
-        replica=mesh.get_local_rank(axis),
-        replicas=mesh.size(mesh.mesh_dim_names.index(axis)),
-        seed=agreed_seed(),
+        loader, replica, replicas, seed=agreed_seed()
     )
     return TorchDataLoaderAdapter(split)
+
+
+def _replica_of(distribution):
+    """This process's data-parallel replica, and the number of them."""
+    mesh = distribution.device_mesh.backend_mesh
+    axis = distribution.batch_dim_name
+    return mesh.get_local_rank(axis), mesh.size(mesh.mesh_dim_names.index(axis))
+
+
+def is_tf_dataset(x):
+    from keras.src.trainers.data_adapters import is_tf_dataset
+
+    return is_tf_dataset(x)
+
+
+def _split_tf_dataset(dataset, class_weight, distribution):
+    """A Keras adapter for `dataset` that yields this replica's blocks of
+    its global batches (see `tf_dataset_split`)."""
+    from keras.src.backend.torch.tf_dataset_split import split_tf_dataset
+    from keras.src.trainers.data_adapters.tf_dataset_adapter import (
+        TFDatasetAdapter,
+    )
+
+    # No `distribution`: Keras's own split would run as well.
+    adapter = TFDatasetAdapter(dataset, class_weight=class_weight)
+    blocks = split_tf_dataset(
+        adapter.get_tf_dataset(), *_replica_of(distribution)
+    )
+    adapter.get_torch_dataloader = lambda: blocks
+    return adapter
+
+
+def _process_local(adapter, distribution):
+    """`adapter`, whose batches are this process's blocks of the global
+    batches (see `process_local_data`)."""
+    from keras.src.backend.torch import process_local_data
+
+    process_local_data.check_same_batch_count(adapter.num_batches)
+    mesh = distribution.device_mesh.backend_mesh
+    make_loader = adapter.get_torch_dataloader
+
+    def get_torch_dataloader():
+        return process_local_data.ProcessLocalBatches(
+            make_loader(), mesh, distribution.batch_dim_name
+        )
+
+    adapter.get_torch_dataloader = get_torch_dataloader
+    return adapter
 
 
 def agree_on_order(adapter):

@@ -2,82 +2,29 @@
 every rank running the same steps, one shuffle for all, whatever each
 rank's random generators did before."""
 
-import random
-
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 import keras
 from keras.src import testing
 from keras.src.testing import distribution_test_models as models
+from keras.src.testing import sample_ids
 from keras.src.testing.multi_process import run_on_processes
 
 
-class RecordsIds(keras.layers.Layer):
-    """Passes its input through, recording the sample ids (column 0) this
-    rank computes with in each training or test step (not in the builds
-    Keras runs before)."""
-
-    seen = {True: [], False: []}
-    recording = False
-
-    def call(self, inputs, training=None):
-        if RecordsIds.recording:
-            local = inputs
-            if isinstance(inputs, DTensor):
-                local = inputs.to_local()
-            ids = local[:, 0].detach().round().long().tolist()
-            RecordsIds.seen[bool(training)].append(ids)
-        return inputs
-
-
-class StepsRecord(keras.callbacks.Callback):
-    def on_train_batch_begin(self, batch, logs=None):
-        RecordsIds.recording = True
-
-    def on_train_batch_end(self, batch, logs=None):
-        RecordsIds.recording = False
-
-    on_test_batch_begin = on_train_batch_begin
-    on_test_batch_end = on_train_batch_end
-
-
-def _model():
-    inputs = keras.Input((3,), name="features")
-    x = RecordsIds()(inputs)
-    outputs = keras.layers.Dense(2)(x)
-    model = keras.Model(inputs, outputs)
-    model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
-    return model
-
-
+RecordsIds = sample_ids.RecordsIds
+StepsRecord = sample_ids.StepsRecord
+_model = sample_ids.ids_model
 _arrays = models.ids_data
-
-
-def _desynchronize_random_generators():
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    np.random.rand(rank + 1)
-    torch.rand(rank + 1)
-    random.seed(1000 + rank)  # Python's own generator, apart per rank.
-
-
-def _two_by_two():
-    devices = keras.distribution.list_devices()
-    mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "model"], devices)
-    layout_map = keras.distribution.LayoutMap(mesh)
-    layout_map["dense/kernel"] = (None, "model")
-    return keras.distribution.ModelParallel(layout_map=layout_map)
+_desynchronize_random_generators = sample_ids.desynchronize_random_generators
 
 
 def _start(mesh):
-    """Sets the distribution ("data" or "2d") and clears the records."""
+    """Sets the distribution ("data" or "2d")."""
     if mesh == "data":
         keras.distribution.set_distribution(keras.distribution.DataParallel())
     else:
-        keras.distribution.set_distribution(_two_by_two())
-    RecordsIds.seen = {True: [], False: []}
+        keras.distribution.set_distribution(sample_ids.two_by_two())
 
 
 def ids_seen(samples, batch_size, shuffle, validation, mesh="data"):
@@ -127,10 +74,17 @@ def loader_ids_seen(samples, batch_size, shuffle, workers, mesh="data"):
     return RecordsIds.seen[True], history, dataset.loaded
 
 
-def py_dataset_ids_seen(samples, batch_size, shuffle, workers):
+def py_dataset_ids_seen(
+    samples, batch_size, shuffle, workers, multiprocessing=False
+):
     _start("data")
     model = _model()
-    dataset = models.IdsPyDataset(samples, batch_size, workers=workers)
+    dataset = models.IdsPyDataset(
+        samples,
+        batch_size,
+        workers=workers,
+        use_multiprocessing=multiprocessing,
+    )
     _desynchronize_random_generators()
     history = model.fit(
         dataset,
@@ -149,7 +103,6 @@ def steps_ids(kind, distributed):
     infinite PyDataset, `validation_steps`."""
     if distributed:
         keras.distribution.set_distribution(keras.distribution.DataParallel())
-    RecordsIds.seen = {True: [], False: []}
     model = _model()
     options = dict(epochs=3, steps_per_epoch=2, shuffle=False, verbose=0)
     if kind == "arrays":
@@ -194,11 +147,8 @@ def evaluate_logs(samples, batch_size, distributed):
     return logs
 
 
-def refused(kind):
-    distribution = keras.distribution.DataParallel()
-    if kind == "no_auto_shard":
-        distribution.auto_shard_dataset = False
-    keras.distribution.set_distribution(distribution)
+def refused_generator():
+    keras.distribution.set_distribution(keras.distribution.DataParallel())
     model = _model()
     x, y = _arrays(8)
 
@@ -206,9 +156,8 @@ def refused(kind):
         while True:
             yield x, y
 
-    data = generator() if kind == "generator" else x
     try:
-        model.fit(data, y if kind != "generator" else None, steps_per_epoch=1)
+        model.fit(generator(), steps_per_epoch=1)
     except ValueError as error:
         return str(error)
     finally:
@@ -216,30 +165,11 @@ def refused(kind):
     return None
 
 
-def _epochs(calls, steps_per_epoch):
-    return [
-        calls[i : i + steps_per_epoch]
-        for i in range(0, len(calls), steps_per_epoch)
-    ]
-
-
 class ArraySplitTest(testing.TestCase):
     def assert_exactly_once(self, per_rank_calls, expected_ids, steps):
-        """Each epoch, the ranks ran `steps` steps each and together
-        computed with every id of `expected_ids` exactly once."""
-        epochs = [_epochs(calls, steps) for calls in per_rank_calls]
-        for rank_epochs in epochs:
-            self.assertLen(rank_epochs, 2)
-            for epoch in rank_epochs:
-                self.assertLen(epoch, steps)
-        for epoch in range(2):
-            ids = [
-                i
-                for rank_epochs in epochs
-                for call in rank_epochs[epoch]
-                for i in call
-            ]
-            self.assertEqual(sorted(ids), sorted(expected_ids))
+        sample_ids.assert_exactly_once(
+            self, per_rank_calls, expected_ids, steps
+        )
 
     def test_each_sample_once_per_epoch_on_every_rank_count(self):
         # 22 samples in batches of 8: the last batch of 6 splits 2+2+2+0
@@ -318,15 +248,18 @@ class ArraySplitTest(testing.TestCase):
             self.assert_exactly_once([r[0] for r in results], range(13), 4)
             self.assertEqual(results[0][1], results[1][1])
 
-    def test_py_dataset_with_worker_threads_keeps_ranks_together(self):
-        # Keras's own worker threads do not keep one process to each batch
-        # once per epoch (they repeat and skip some, on one process too),
-        # but every rank still computes with blocks of the same batches.
-        results = run_on_processes(2, py_dataset_ids_seen, 13, 4, True, 2)
-        for rank_0, rank_1 in zip(results[0][0], results[1][0]):
-            union = sorted(rank_0 + rank_1)
-            first = union[0] - union[0] % 4
-            self.assertEqual(union, list(range(first, min(first + 4, 13))))
+    def test_py_dataset_with_workers_keeps_ranks_together(self):
+        # With worker threads or processes, Keras's own enqueuer repeats
+        # and skips some batches within an epoch (on one process too), but
+        # every rank still computes with blocks of the same batches.
+        for multiprocessing in (False, True):
+            results = run_on_processes(
+                2, py_dataset_ids_seen, 13, 4, True, 2, multiprocessing
+            )
+            for rank_0, rank_1 in zip(results[0][0], results[1][0]):
+                union = sorted(rank_0 + rank_1)
+                first = union[0] - union[0] % 4
+                self.assertEqual(union, list(range(first, min(first + 4, 13))))
 
     def test_data_loader_on_a_2d_mesh_splits_over_replicas(self):
         results = run_on_processes(4, loader_ids_seen, 14, 4, True, 0, "2d")
@@ -357,7 +290,6 @@ class ArraySplitTest(testing.TestCase):
                 self.assertEqual(union, expected[training], kind)
 
     def test_inputs_that_cannot_be_split_are_refused_on_every_rank(self):
-        for message in run_on_processes(2, refused, "generator"):
+        for message in run_on_processes(2, refused_generator):
             self.assertIn("cannot be split automatically", message)
-        for message in run_on_processes(2, refused, "no_auto_shard"):
-            self.assertIn("auto_shard_dataset=False", message)
+            self.assertIn("auto_shard_dataset = False", message)

@@ -112,6 +112,30 @@ KERAS_USED = (
     ("keras.src.utils.rng_utils", "get_random_seed"),
     ("keras.src.utils.rng_utils", "set_random_seed"),
     ("keras.src.testing", "TestCase"),
+    # Datasets split across processes: an adapter's batches are replaced
+    # per instance (tf.data, and every input with auto_shard_dataset=False).
+    ("keras.src.trainers.data_adapters", "is_tf_dataset"),
+    (
+        "keras.src.trainers.data_adapters.tf_dataset_adapter",
+        "TFDatasetAdapter.get_tf_dataset",
+    ),
+    (
+        "keras.src.trainers.data_adapters.data_adapter",
+        "DataAdapter.get_torch_dataloader",
+    ),
+    (
+        "keras.src.trainers.data_adapters.data_adapter",
+        "DataAdapter.num_batches",
+    ),
+)
+
+# TensorFlow (optional: tf.data input), checked against 2.20.0.
+TENSORFLOW_USED = (
+    # Keras's own test for a batched dataset.
+    (
+        "tensorflow.python.data.experimental.ops.distribute",
+        "compute_batch_size",
+    ),
 )
 
 TORCH_USED = (

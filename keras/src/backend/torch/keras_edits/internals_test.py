@@ -1,4 +1,5 @@
 import importlib.metadata
+import importlib.util
 
 import torch
 
@@ -21,6 +22,12 @@ class InternalsTest(testing.TestCase):
         entries = internals.KERAS_USED + internals.TORCH_USED
         entries += tuple(entry[:2] for entry in internals.KERAS_REPLACED)
         for module_name, attribute in entries:
+            internals.resolve(module_name, attribute)
+
+    def test_every_tensorflow_internal_resolves(self):
+        if importlib.util.find_spec("tensorflow") is None:
+            self.skipTest("TensorFlow is not installed")
+        for module_name, attribute in internals.TENSORFLOW_USED:
             internals.resolve(module_name, attribute)
 
     def test_replaced_internals_are_ours(self):
