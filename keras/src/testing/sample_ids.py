@@ -72,7 +72,7 @@ def two_by_two():
     devices = keras.distribution.list_devices()
     mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "model"], devices)
     layout_map = keras.distribution.LayoutMap(mesh)
-    layout_map["dense/kernel"] = (None, "model")
+    layout_map[".*dense.*/kernel"] = (None, "model")
     return keras.distribution.ModelParallel(layout_map=layout_map)
 
 

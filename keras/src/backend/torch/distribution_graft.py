@@ -56,11 +56,17 @@ COMPANIONS = {
     "keras.src.callbacks.callback_list": (
         "keras.src.backend.torch.keras_edits.callback_list"
     ),
+    "keras.src.callbacks.backup_and_restore": (
+        "keras.src.backend.torch.keras_edits.backup_and_restore"
+    ),
     "keras.src.callbacks.csv_logger": (
         "keras.src.backend.torch.keras_edits.csv_logger"
     ),
     "keras.src.trainers.data_adapters": (
         "keras.src.backend.torch.keras_edits.data_adapters"
+    ),
+    "keras.src.saving.saving_lib": (
+        "keras.src.backend.torch.keras_edits.saving_lib"
     ),
     "keras.src.utils.io_utils": (
         "keras.src.backend.torch.keras_edits.io_utils"

@@ -20,6 +20,11 @@ KERAS_REPLACED = (
     ("keras.src.backend.torch.core", "Variable._direct_assign", "torch_core"),
     ("keras.src.backend.torch.core", "Variable.value", "torch_core"),
     ("keras.src.backend.torch.core", "convert_to_numpy", "torch_core"),
+    (
+        "keras.src.backend.torch.core",
+        "Variable._convert_to_tensor",
+        "torch_core",
+    ),
     ("keras.src.backend.torch.nn", "dot_product_attention", "torch_nn"),
     ("keras.src.backend.torch.numpy", "take", "torch_numpy"),
     ("keras.src.backend.torch.numpy", "take_along_axis", "torch_numpy"),
@@ -68,6 +73,21 @@ KERAS_REPLACED = (
         "data_adapters",
     ),
     ("keras.src.utils.io_utils", "print_msg", "io_utils"),
+    ("keras.src.saving.saving_lib", "save_model", "saving_lib"),
+    ("keras.src.saving.saving_lib", "save_weights_only", "saving_lib"),
+    ("keras.src.saving.saving_lib", "load_model", "saving_lib"),
+    ("keras.src.saving.saving_lib", "load_weights_only", "saving_lib"),
+    ("keras.src.saving.saving_lib", "H5IOStore.__getitem__", "saving_lib"),
+    (
+        "keras.src.callbacks.backup_and_restore",
+        "BackupAndRestore._save_model",
+        "backup_and_restore",
+    ),
+    (
+        "keras.src.callbacks.backup_and_restore",
+        "BackupAndRestore.on_train_end",
+        "backup_and_restore",
+    ),
     (
         "keras.src.utils.torch_utils",
         "TorchModuleWrapper._track_module_parameters",
@@ -129,6 +149,32 @@ KERAS_USED = (
     ),
 )
 
+# Checkpoints: the walk over what a save writes (the order and names of a
+# `.weights.h5` file), the store class it checks for, and the HDF5 read.
+KERAS_SAVING_USED = (
+    ("keras.src.saving.saving_lib", "_save_state"),
+    ("keras.src.saving.saving_lib", "H5IOStore"),
+    ("keras.src.saving.saving_lib", "safe_get_h5_dataset"),
+    ("keras.src.utils.file_utils", "is_remote_path"),
+    ("keras.src.utils.file_utils", "exists"),
+    ("keras.src.utils.file_utils", "makedirs"),
+    ("keras.src.utils.file_utils", "copy"),
+    ("keras.src.utils.file_utils", "File"),
+)
+# Instance attributes read (the test checks them on fresh instances): the
+# open group of a weights store, and what BackupAndRestore writes where.
+H5_IO_STORE_ATTRIBUTES = ("_h5_entry_group",)
+BACKUP_AND_RESTORE_ATTRIBUTES = (
+    "backup_dir",
+    "double_checkpoint",
+    "_weights_path",
+    "_prev_weights_path",
+    "_training_metadata_path",
+    "_prev_training_metadata_path",
+    "_current_epoch",
+    "_last_batch_seen",
+)
+
 # TensorFlow (optional: tf.data input), checked against 2.20.0.
 TENSORFLOW_USED = (
     # Keras's own test for a batched dataset.
@@ -172,6 +218,11 @@ TORCH_USED = (
     ("torch.utils._pytree", "register_pytree_node"),
     # A replicated DTensor's storage, shared by its local replica.
     ("torch.distributed.tensor", "DTensor._local_tensor"),
+    # The block of a DTensor a rank holds: which rows of a file it reads.
+    (
+        "torch.distributed.tensor._utils",
+        "compute_local_shape_and_global_offset",
+    ),
 )
 
 DISTRIBUTION_NAME = "keras-torch-distribution"

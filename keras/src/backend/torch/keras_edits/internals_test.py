@@ -20,9 +20,25 @@ class InternalsTest(testing.TestCase):
 
     def test_every_internal_resolves(self):
         entries = internals.KERAS_USED + internals.TORCH_USED
+        entries += internals.KERAS_SAVING_USED
         entries += tuple(entry[:2] for entry in internals.KERAS_REPLACED)
         for module_name, attribute in entries:
             internals.resolve(module_name, attribute)
+
+    def test_instance_attributes_exist(self):
+        import keras
+        from keras.src.saving.saving_lib import H5IOStore
+
+        directory = self.get_temp_dir()
+        callback = keras.callbacks.BackupAndRestore(directory)
+        callback.set_model(keras.Sequential([keras.layers.Dense(1)]))
+        callback.on_epoch_begin(0)
+        for attribute in internals.BACKUP_AND_RESTORE_ATTRIBUTES:
+            self.assertTrue(hasattr(callback, attribute), attribute)
+        store = H5IOStore(f"{directory}/w.weights.h5", mode="w")
+        for attribute in internals.H5_IO_STORE_ATTRIBUTES:
+            self.assertTrue(hasattr(store, attribute), attribute)
+        store.close()
 
     def test_every_tensorflow_internal_resolves(self):
         if importlib.util.find_spec("tensorflow") is None:

@@ -15,6 +15,10 @@ one does, and `convert_to_numpy` returns global values:
   calls it, as every rank runs the same Keras program.
 """
 
+import contextlib
+import threading
+
+import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -96,20 +100,88 @@ def _gathered(x):
     return x.full_tensor() if isinstance(x, DTensor) else x
 
 
+_gathered_ahead = threading.local()
+
+
+@contextlib.contextmanager
+def gathered_ahead(values, record):
+    """Inside, `convert_to_numpy` records into, or serves from, `values`.
+
+    A save gathers in two passes (see the `saving_lib` companion). In the
+    first, on every rank, each value converted is gathered as usual and,
+    when `values` is a dict, recorded there as `{id(x): (x, array)}`. In
+    the second, on rank 0 alone, a recorded `x` returns its array; a
+    DTensor not recorded raises, where gathering it on one rank would wait
+    forever.
+    """
+    _gathered_ahead.values, _gathered_ahead.record = values, record
+    try:
+        yield
+    finally:
+        _gathered_ahead.values = _gathered_ahead.record = None
+
+
+def _served(x):
+    """`x`'s recorded array while serving; None otherwise."""
+    values = getattr(_gathered_ahead, "values", None)
+    if values is None or _gathered_ahead.record:
+        return None
+    if id(x) in values:
+        return values[id(x)][1]
+    if isinstance(getattr(x, "value", x), DTensor):
+        raise RuntimeError(
+            f"Saving asked for a sharded value that was not gathered by "
+            f"every process beforehand: {x!r}. Values a save writes must "
+            "be the same objects in every pass over the model."
+        )
+    return None
+
+
+def _record(x, array):
+    values = getattr(_gathered_ahead, "values", None)
+    if values is not None and _gathered_ahead.record:
+        values[id(x)] = (x, array)  # `x` too, so that its id stays its own.
+    return array
+
+
 def _convert_to_numpy(upstream):
     def convert_to_numpy(x):
         """Stands for `convert_to_numpy`: a DTensor gives its full value."""
+        served = _served(x)
+        if served is not None:
+            return served
         if isinstance(x, (list, tuple)):
             return upstream([_gathered(e) for e in x])
-        return upstream(_gathered(x))
+        return _record(x, upstream(_gathered(x)))
 
     return convert_to_numpy
+
+
+def _variable_convert_to_tensor(upstream):
+    def convert_to_tensor(self, value, dtype=None):
+        """Stands for `Variable._convert_to_tensor`: a sharded variable
+        assigned from a weights file reads only its block of it."""
+        from keras.src.backend.torch.h5_partial_read import PartialRead
+
+        if isinstance(value, PartialRead):
+            like = self._value
+            if isinstance(like, DTensor) and tuple(value.shape) == tuple(
+                like.shape
+            ):
+                return upstream(self, value.block_like(like), dtype)
+            value = np.asarray(value)
+        return upstream(self, value, dtype)
+
+    return convert_to_tensor
 
 
 def apply(core_module):
     edit(core_module, "convert_to_numpy", _convert_to_numpy)
     edit(core_module.Variable, "_initialize", lambda upstream: _initialize)
     edit(core_module.Variable, "value", _value_property)
+    edit(
+        core_module.Variable, "_convert_to_tensor", _variable_convert_to_tensor
+    )
     edit(
         core_module.Variable, "_direct_assign", lambda upstream: _direct_assign
     )

@@ -1,0 +1,116 @@
+"""Files written once by a job of several processes.
+
+Every process runs the same Keras program, so every process reaches each
+`model.save`, `save_weights` and callback that writes a file. Gathering a
+sharded weight is a collective, so every rank takes part; rank 0 alone
+writes. The helpers here keep that safe:
+
+- `all_arrive` fails clearly, instead of hanging, when a save is called on
+  some processes only (`if rank == 0: model.save(...)`, a habit from
+  PyTorch scripts);
+- `atomic_path` writes to a temporary file next to the target and renames
+  it over the target, so that a crash mid-write leaves the previous file
+  whole;
+- `on_writer` runs a write on rank 0 and raises its failure on every rank,
+  so no rank goes on while another has failed. It is also a barrier: once
+  it returns, every rank sees the file.
+"""
+
+import contextlib
+import os
+import uuid
+
+import torch.distributed as dist
+
+_arrivals = [0]
+
+
+def is_multi_process():
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_writer():
+    return not is_multi_process() or dist.get_rank() == 0
+
+
+def all_arrive(what):
+    """Waits until every process has called `what` (its n-th call here),
+    or raises after the collective timeout.
+
+    Uses the process group's store, never a collective, so that a process
+    calling alone fails instead of waiting forever.
+    """
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    from keras.src.backend.torch.distribution_lib import collective_timeout
+
+    _arrivals[0] += 1
+    key = f"keras/arrivals/{_arrivals[0]}"
+    store = _get_default_store()
+    world = dist.get_world_size()
+    if store.add(key, 1) == world:
+        store.set(key + "/all", "1")
+    timeout = collective_timeout()
+    try:
+        store.wait([key + "/all"], timeout)
+    except Exception as error:  # The store reports a timeout its own way.
+        arrived = store.add(key, 0)
+        seconds = timeout.total_seconds()
+        raise RuntimeError(
+            f"{what} was called on {arrived} of {world} processes within "
+            f"{seconds:.0f} s. Under a distribution every process calls "
+            "it (gathering a sharded weight is a collective) and rank 0 "
+            "alone writes the file: remove any `if rank == 0:` around it."
+        ) from error
+
+
+def on_writer(write, what):
+    """Runs `write()` on rank 0; raises its failure on every rank.
+
+    Args:
+        write: a function of no arguments; its result is returned on rank 0.
+        what: what is written, for the error on the other ranks.
+
+    Returns:
+        `write()`'s result on rank 0, None on the other ranks.
+    """
+    result, error = None, None
+    if is_writer():
+        try:
+            result = write()
+        except Exception as raised:
+            error = raised
+    if is_multi_process():
+        message = [None if error is None else f"{type(error).__name__}: "]
+        if error is not None:
+            message[0] += str(error)
+        dist.broadcast_object_list(message, src=0)
+        if error is None and message[0] is not None:
+            raise RuntimeError(f"Rank 0 failed writing {what}: {message[0]}")
+    if error is not None:
+        raise error
+    return result
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffixes):
+    """Yields a temporary path next to `path`, renamed to `path` when the
+    block succeeds and removed when it fails.
+
+    Args:
+        path: the target: a local file path.
+        suffixes: endings the temporary name keeps when `path` has them
+            (Keras checks that names end in `.keras` or `.weights.h5`).
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(path)
+    suffix = next((s for s in suffixes if name.endswith(s)), "")
+    temporary = os.path.join(
+        directory, f".{name}.{uuid.uuid4().hex[:8]}.partial{suffix}"
+    )
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
