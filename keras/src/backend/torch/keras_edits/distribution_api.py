@@ -7,7 +7,8 @@ Two upstream edits, both on behalf of the torch backend:
   3.15 rejects it although the JAX backend could shard that way.
 - `LayoutMap.__getitem__` also matches each key against the PyTorch spelling
   of the path (`dense.weight` for `dense/kernel`), so layout maps written for
-  PyTorch modules select the same variables.
+  PyTorch modules select the same variables. It notes which keys matched,
+  for the report of keys that matched nothing (`layout_report`).
 """
 
 from keras.src.backend.torch.keras_edits import edit
@@ -41,8 +42,10 @@ def _layout_map_getitem(self, key):
     it matches the Keras path or its PyTorch spelling.
     """
     from keras.src.backend.torch.distribution_lib import TorchPathAdapter
+    from keras.src.backend.torch.layout_report import record_match
 
     if key in self._layout_map:
+        record_match(self, key)
         return self._layout_map[key]
     matching_keys = [
         pattern
@@ -56,6 +59,7 @@ def _layout_map_getitem(self, key):
             "make the keys more specific."
         )
     if matching_keys:
+        record_match(self, matching_keys[0])
         return self._layout_map[matching_keys[0]]
     return None
 

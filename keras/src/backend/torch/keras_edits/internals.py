@@ -161,9 +161,14 @@ KERAS_SAVING_USED = (
     ("keras.src.utils.file_utils", "copy"),
     ("keras.src.utils.file_utils", "File"),
 )
-# Instance attributes read (the test checks them on fresh instances): the
-# open group of a weights store, and what BackupAndRestore writes where.
+# Instance attributes read; the test checks them on fresh instances.
+# A LayoutMap's keys and layouts, and a ModelParallel's LayoutMap (the
+# layout report, `describe`):
+LAYOUT_MAP_ATTRIBUTES = ("_layout_map",)
+MODEL_PARALLEL_ATTRIBUTES = ("_layout_map",)
+# The open group of a weights store (partial reads):
 H5_IO_STORE_ATTRIBUTES = ("_h5_entry_group",)
+# What BackupAndRestore writes where (rank 0 writes it):
 BACKUP_AND_RESTORE_ATTRIBUTES = (
     "backup_dir",
     "double_checkpoint",
@@ -218,6 +223,8 @@ TORCH_USED = (
     ("torch.utils._pytree", "register_pytree_node"),
     # A replicated DTensor's storage, shared by its local replica.
     ("torch.distributed.tensor", "DTensor._local_tensor"),
+    # Processes simulated by `describe --processes N`.
+    ("torch.testing._internal.distributed.fake_pg", "FakeStore"),
     # The block of a DTensor a rank holds: which rows of a file it reads.
     (
         "torch.distributed.tensor._utils",

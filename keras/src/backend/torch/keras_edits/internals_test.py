@@ -39,6 +39,14 @@ class InternalsTest(testing.TestCase):
         for attribute in internals.H5_IO_STORE_ATTRIBUTES:
             self.assertTrue(hasattr(store, attribute), attribute)
         store.close()
+        devices = keras.distribution.list_devices()
+        mesh = keras.distribution.DeviceMesh((1,), ["model"], devices[:1])
+        layout_map = keras.distribution.LayoutMap(mesh)
+        for attribute in internals.LAYOUT_MAP_ATTRIBUTES:
+            self.assertTrue(hasattr(layout_map, attribute), attribute)
+        distribution = keras.distribution.ModelParallel(layout_map=layout_map)
+        for attribute in internals.MODEL_PARALLEL_ATTRIBUTES:
+            self.assertTrue(hasattr(distribution, attribute), attribute)
 
     def test_every_tensorflow_internal_resolves(self):
         if importlib.util.find_spec("tensorflow") is None:

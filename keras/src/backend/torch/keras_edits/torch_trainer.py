@@ -104,11 +104,19 @@ def distributed_step(step_function, model, kind):
             return step_function(distribute_inputs(data, distribution))
 
     def step(data):
-        from keras.src.backend.torch.distributed_loader import LocalBlock
+        from keras.src.backend.torch import layout_report
 
         distribution = global_state.get_global_attribute("distribution")
         if distribution is None:
             return step_function(data)
+        logs = distributed(data, distribution)
+        # After a step every variable and output has looked up its layout.
+        layout_report.check_once(model, distribution)
+        return logs
+
+    def distributed(data, distribution):
+        from keras.src.backend.torch.distributed_loader import LocalBlock
+
         with dtensor_ops.implicit_replication():
             data = [
                 assemble_global_batch(batch, distribution)
