@@ -43,13 +43,27 @@ def describe(model, distribution=None):
 
     distribution = distribution or current()
     layout_map = getattr(distribution, "_layout_map", None)
+    notes = _torch_module_notes(model)
     rows = [("variable", "global shape", "layout", "local shape", "key")]
+    if notes:
+        rows[0] += ("torch module",)
     for variable in model.weights:
-        rows.append(_row(variable, layout_map))
+        row = _row(variable, layout_map)
+        rows.append(row + (notes.get(id(variable), ""),) if notes else row)
     lines = _aligned(rows)
     lines.append("")
     lines.extend(_bytes_per_rank(model))
     return "\n".join(lines)
+
+
+def _torch_module_notes(model):
+    """How the variables of wrapped PyTorch modules are laid out."""
+    from keras.src.backend.torch import torch_module_parallel
+
+    notes = {}
+    for layer in model._flatten_layers():
+        notes.update(torch_module_parallel.notes(layer))
+    return notes
 
 
 def _row(variable, layout_map):
@@ -150,7 +164,9 @@ def _shape(shape):
 
 
 def _aligned(rows):
-    widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
+    widths = [
+        max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))
+    ]
     return [
         "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
         for row in rows

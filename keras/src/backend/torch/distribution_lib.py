@@ -389,12 +389,14 @@ def infer_parallel_style(module, weight_axes):
     if isinstance(module, torch.nn.Linear):
         return ColwiseParallel() if sharded[0] else RowwiseParallel()
     if isinstance(module, torch.nn.Embedding):
-        return RowwiseParallel() if sharded[0] else ColwiseParallel()
+        if sharded[0]:  # Its input is token ids, whole on every rank.
+            return RowwiseParallel(input_layouts=Replicate())
+        return ColwiseParallel()
     return None
 
 
-def parallelize_module(module, layout_map, module_path):
-    """Applies torch tensor parallelism as `layout_map` lays out `module`.
+def parallel_plan(module, layout_map, module_path):
+    """The torch tensor-parallel plan `layout_map` asks for `module`.
 
     Each `torch.nn.Linear` and `torch.nn.Embedding` inside `module` whose
     weight has a layout in `layout_map` that a parallel style expresses
@@ -404,19 +406,21 @@ def parallelize_module(module, layout_map, module_path):
     `TorchModuleWrapper` names it.
 
     Args:
-        module: the `torch.nn.Module` to parallelize in place.
+        module: a `torch.nn.Module`.
         layout_map: `LayoutMap` with keys written Keras- or PyTorch-style.
         module_path: the Keras path of `module`, e.g. a
             `TorchModuleWrapper`'s name.
 
     Returns:
-        The plan applied: `{submodule name: style}`.
+        `(plan, axis)`: `{submodule name: style}` in module order (`""`
+        for `module` itself), and the mesh axis name (None when the plan
+        is empty).
     """
     plan, mesh_axes = {}, set()
     for name, submodule in module.named_modules():
-        if not name:
-            continue  # `module` itself.
-        layout = layout_map["/".join([module_path, *name.split("."), "weight"])]
+        # `module` itself is named "", its weight `{module_path}/weight`.
+        scopes = name.split(".") if name else []
+        layout = layout_map["/".join([module_path, *scopes, "weight"])]
         style = layout and infer_parallel_style(submodule, layout.axes)
         if style is not None:
             plan[name] = style
@@ -427,10 +431,30 @@ def parallelize_module(module, layout_map, module_path):
             f"{sorted(mesh_axes)}; tensor parallelism of one module uses "
             "one mesh axis."
         )
+    return plan, (mesh_axes.pop() if mesh_axes else None)
+
+
+def parallelize_module(module, layout_map, module_path):
+    """Applies torch tensor parallelism as `layout_map` lays out `module`
+    (see `parallel_plan`), in place.
+
+    Returns:
+        The plan applied: `{submodule name: style}`.
+    """
+    plan, axis = parallel_plan(module, layout_map, module_path)
     if plan:
         torch_mesh = layout_map.device_mesh.backend_mesh
-        torch_parallelize_module(module, torch_mesh[mesh_axes.pop()], plan)
+        apply_parallel_plan(module, torch_mesh[axis], plan)
     return plan
+
+
+def apply_parallel_plan(module, torch_mesh, plan):
+    """`torch.distributed.tensor.parallel.parallelize_module`, for a plan
+    that may name `module` itself ("")."""
+    if "" in plan:
+        torch_parallelize_module(module, torch_mesh, plan[""])
+    else:
+        torch_parallelize_module(module, torch_mesh, plan)
 
 
 ProcessGroupSettings = collections.namedtuple(

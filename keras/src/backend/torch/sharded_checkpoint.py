@@ -22,6 +22,7 @@ import os
 import shutil
 import uuid
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
@@ -77,13 +78,15 @@ def state_of(model):
     state = {}
 
     def visit(name, value):
-        if not isinstance(value, backend.Variable):
+        if isinstance(value, backend.Variable):
+            value = value.value
+        if not isinstance(value, torch.Tensor):
             raise ValueError(
                 f"{name!r} is saved as a computed {type(value).__name__}, "
-                "not a variable, so a sharded checkpoint cannot load it "
-                "in place. Save this model with `model.save_weights`."
+                "not a variable or tensor, so a sharded checkpoint cannot "
+                "load it in place. Save this model with `model.save_weights`."
             )
-        state[name] = value.value
+        state[name] = value  # A module's buffer is a tensor.
 
     # The optimizer saves NumPy copies of its variables (gathered whole),
     # so its variables are named here, in the order it saves them.

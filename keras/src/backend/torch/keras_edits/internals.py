@@ -93,6 +93,17 @@ KERAS_REPLACED = (
         "TorchModuleWrapper._track_module_parameters",
         "torch_utils",
     ),
+    ("keras.src.utils.torch_utils", "TorchModuleWrapper.call", "torch_utils"),
+    (
+        "keras.src.utils.torch_utils",
+        "TorchModuleWrapper.save_own_variables",
+        "torch_utils",
+    ),
+    (
+        "keras.src.utils.torch_utils",
+        "TorchModuleWrapper.load_own_variables",
+        "torch_utils",
+    ),
 )
 
 # Keras internals read or called, without being replaced.
@@ -114,6 +125,9 @@ KERAS_USED = (
     ("keras.src.backend.common.masking", "get_keras_mask"),
     ("keras.src.backend.common.masking", "set_keras_mask"),
     ("keras.src.layers.layer", "Layer._open_name_scope"),
+    # The path a wrapped module's variables take; layers in a model.
+    ("keras.src.backend.common.name_scope", "current_path"),
+    ("keras.src.layers.layer", "Layer._flatten_layers"),
     ("keras.src.layers.layer", "Layer._track_variable"),
     ("keras.src.trainers.data_adapters.array_data_adapter", "ArrayDataAdapter"),
     (
@@ -166,6 +180,9 @@ KERAS_SAVING_USED = (
 # layout report, `describe`):
 LAYOUT_MAP_ATTRIBUTES = ("_layout_map",)
 MODEL_PARALLEL_ATTRIBUTES = ("_layout_map",)
+# What a torch parallel style takes and gives (a wrapped module's inputs
+# and outputs are laid out to match):
+PARALLEL_STYLE_ATTRIBUTES = ("input_layouts", "output_layouts")
 # The open group of a weights store (partial reads):
 H5_IO_STORE_ATTRIBUTES = ("_h5_entry_group",)
 # What BackupAndRestore writes where (rank 0 writes it):
@@ -223,6 +240,8 @@ TORCH_USED = (
     ("torch.utils._pytree", "register_pytree_node"),
     # A replicated DTensor's storage, shared by its local replica.
     ("torch.distributed.tensor", "DTensor._local_tensor"),
+    # A wrapped module run on views of its Keras variables.
+    ("torch.func", "functional_call"),
     # Processes simulated by `describe --processes N`.
     ("torch.testing._internal.distributed.fake_pg", "FakeStore"),
     # The block of a DTensor a rank holds: which rows of a file it reads.

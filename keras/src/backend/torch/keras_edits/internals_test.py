@@ -47,6 +47,12 @@ class InternalsTest(testing.TestCase):
         distribution = keras.distribution.ModelParallel(layout_map=layout_map)
         for attribute in internals.MODEL_PARALLEL_ATTRIBUTES:
             self.assertTrue(hasattr(distribution, attribute), attribute)
+        from torch.distributed.tensor.parallel import ColwiseParallel
+        from torch.distributed.tensor.parallel import RowwiseParallel
+
+        for style in (ColwiseParallel(), RowwiseParallel()):
+            for attribute in internals.PARALLEL_STYLE_ATTRIBUTES:
+                self.assertTrue(hasattr(style, attribute), attribute)
 
     def test_every_tensorflow_internal_resolves(self):
         if importlib.util.find_spec("tensorflow") is None:

@@ -1,0 +1,255 @@
+"""Plain PyTorch modules in a Keras model, laid out by the same LayoutMap.
+
+A `keras.layers.TorchModuleWrapper` under `ModelParallel` runs one of three
+ways, chosen from the LayoutMap entries of its parameters (written with
+PyTorch names, `encoder.0.weight`, or Keras ones, `encoder/0/weight`):
+
+- **Parallel styles.** When every sharded parameter belongs to an
+  `nn.Linear` or `nn.Embedding` whose layout a torch parallel style
+  expresses (`distribution_lib.infer_parallel_style`), the module is
+  parallelized with `torch.distributed.tensor.parallel` over that one mesh
+  axis: column-wise then row-wise layers communicate once each way, as in
+  Megatron. The styles hold their weights on the 1-D mesh of the axis;
+  the Keras variables hold the same blocks on the whole mesh (the optimizer
+  and the trainer see one mesh), and each call hands the module views of
+  them (`torch.func.functional_call`) through which gradients reach the
+  variables. The module sees this rank's rows of the batch.
+- **DTensor.** When some sharded parameter has no style (a convolution, a
+  weight split on both dims), every parameter becomes a DTensor laid out
+  as the map says and the module runs on DTensor inputs, like Keras layers.
+- **Replicated.** When no parameter is sharded, nothing changes.
+"""
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Partial
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import Shard
+from torch.utils import _pytree
+
+STYLES, DTENSOR, REPLICATED = "parallel styles", "DTensor", "replicated"
+
+
+def mode_of(module, module_path, layout_map):
+    """How a wrapped `module` at Keras path `module_path` runs under
+    `layout_map` (see the module docstring): `(mode, plan, axis)`, with the
+    parallel plan and its mesh axis."""
+    from keras.src.backend.torch import distribution_lib
+
+    plan, axis = distribution_lib.parallel_plan(module, layout_map, module_path)
+    styled = {
+        _joined(name, leaf)
+        for name in plan
+        for leaf, _ in module.get_submodule(name).named_parameters()
+    }
+    sharded = [
+        name
+        for name, _ in module.named_parameters()
+        if _is_sharded(layout_map["/".join([module_path, *name.split(".")])])
+    ]
+    if not sharded:
+        return REPLICATED, plan, axis
+    if plan and all(name in styled for name in sharded):
+        return STYLES, plan, axis
+    return DTENSOR, plan, axis
+
+
+def _joined(module_name, parameter_name):
+    return f"{module_name}.{parameter_name}" if module_name else parameter_name
+
+
+def _is_sharded(layout):
+    return layout is not None and any(a is not None for a in layout.axes)
+
+
+class ParallelStyles:
+    """A wrapped module parallelized with torch's styles (see the module
+    docstring), and the Keras variables that hold its parameters.
+
+    Args:
+        wrapper: the `TorchModuleWrapper`, its variables not yet made.
+        distribution: the `ModelParallel` distribution.
+        plan: `{submodule name: style}`.
+        axis: the mesh axis the styles shard over.
+    """
+
+    def __init__(self, wrapper, distribution, plan, axis):
+        from keras.src.backend.torch.distribution_lib import (
+            apply_parallel_plan,
+        )
+
+        self.keras_mesh = distribution.device_mesh
+        self.mesh = self.keras_mesh.backend_mesh
+        self.axis = axis
+        self.batch_axis = distribution.batch_dim_name
+        self.plan = plan
+        self.styles = list(plan.values())
+        # A column-wise last layer leaves each rank a block of its output
+        # features: the global count is the layer's.
+        last = wrapper.module.get_submodule(list(plan)[-1])
+        self.output_features = (
+            last.weight.shape[0]
+            if isinstance(last, torch.nn.Linear)
+            else last.weight.shape[1]
+        )
+        apply_parallel_plan(wrapper.module, self.mesh[axis], plan)
+        # Parameter name -> (Keras variable, its placement on the 1-D mesh
+        # where a style made it a DTensor, else None).
+        self.variables = {}
+
+    def initial_value(self, parameter):
+        """The Keras variable's value for a module parameter: its block (a
+        DTensor of the styles' 1-D mesh, or a whole plain tensor), as a
+        DTensor of the whole mesh sharing its storage."""
+        if isinstance(parameter, DTensor):
+            local, placement = parameter.to_local(), parameter.placements[0]
+        else:
+            local, placement = parameter.detach(), Replicate()
+        value = DTensor.from_local(
+            local.detach(),
+            self.mesh,
+            self._on_axis(placement),
+            run_check=False,
+            shape=parameter.shape,
+            stride=parameter.stride(),
+        )
+        return torch.nn.Parameter(value, requires_grad=parameter.requires_grad)
+
+    def track(self, name, variable, parameter):
+        """Keeps `variable` for parameter `name` (`parameter`, as the styles
+        left it); gives it the layout its optimizer slots follow."""
+        from keras.src.distribution import TensorLayout
+
+        axes = [None] * len(variable.shape)
+        for mesh_dim, placement in enumerate(variable.value.placements):
+            if isinstance(placement, Shard):
+                axes[placement.dim] = self.keras_mesh.axis_names[mesh_dim]
+        variable._layout = TensorLayout(axes, self.keras_mesh)
+        placement = None
+        if isinstance(parameter, DTensor):
+            placement = parameter.placements[0]
+        self.variables[name] = (variable, placement)
+
+    def call(self, module, args, kwargs):
+        """Runs `module` on this rank's rows of the inputs, with views of
+        the variables; returns outputs on the whole mesh."""
+        rows = []
+        args, kwargs = _pytree.tree_map(
+            lambda x: self._local_input(x, rows), (args, kwargs)
+        )
+        views = {
+            name: self._view(variable, placement)
+            for name, (variable, placement) in self.variables.items()
+        }
+        outputs = torch.func.functional_call(module, views, args, kwargs)
+        return _pytree.tree_map(lambda y: self._global_output(y, rows), outputs)
+
+    def _on_axis(self, placement):
+        placements = [Replicate()] * self.mesh.ndim
+        placements[self.mesh.mesh_dim_names.index(self.axis)] = placement
+        return tuple(placements)
+
+    def _view(self, variable, placement):
+        """What the module computes with: the variable's block, as a DTensor
+        of the 1-D mesh where a style made the parameter one (`placement`),
+        plain otherwise. Its gradient is a partial sum over the batch axis,
+        the module seeing part of the batch; the trainer reduces it with the
+        others."""
+        value = variable.value
+        names = self.mesh.mesh_dim_names
+        grad_placements = [
+            Partial() if names[i] == self.batch_axis else p
+            for i, p in enumerate(value.placements)
+        ]
+        local = value.to_local(grad_placements=grad_placements)
+        if placement is None:
+            return local
+        return DTensor.from_local(
+            local,
+            self.mesh[self.axis],
+            (placement,),
+            run_check=False,
+            shape=value.shape,
+            stride=value.stride(),
+        )
+
+    def _local_input(self, x, rows):
+        """This rank's block of input `x`: its batch rows, laid out along
+        the style axis as the first style takes its input."""
+        if not isinstance(x, DTensor):
+            return x
+        wanted = _normalized(self.styles[0].input_layouts[0], x.ndim)
+        names = self.mesh.mesh_dim_names
+        placements = [
+            x.placements[i] if names[i] == self.batch_axis else Replicate()
+            for i in range(self.mesh.ndim)
+        ]
+        placements[names.index(self.axis)] = wanted
+        if tuple(placements) != tuple(x.placements):
+            x = x.redistribute(self.mesh, placements)
+        rows.append((x.shape[0], x.placements))
+        return x.to_local()
+
+    def _global_output(self, y, rows):
+        """The DTensor of which `y` is this rank's block: rows as the input
+        had them, features as the last style leaves them."""
+        if not isinstance(y, torch.Tensor) or isinstance(y, DTensor):
+            return y
+        names = self.mesh.mesh_dim_names
+        shape, batch_placement = list(y.shape), Replicate()
+        if rows:
+            shape[0], input_placements = rows[0]
+            batch_placement = input_placements[names.index(self.batch_axis)]
+        placements = [
+            batch_placement if name == self.batch_axis else Replicate()
+            for name in names
+        ]
+        feature_placement = _normalized(
+            self.styles[-1].output_layouts[0], y.ndim
+        )
+        placements[names.index(self.axis)] = feature_placement
+        if isinstance(feature_placement, Shard):
+            shape[feature_placement.dim] = self.output_features
+        return DTensor.from_local(
+            y,
+            self.mesh,
+            placements,
+            run_check=False,
+            shape=tuple(shape),
+            stride=torch.empty(shape, device="meta").stride(),
+        )
+
+
+def notes(wrapper):
+    """`{id(variable): how it is laid out}` for a wrapper's variables, for
+    `describe`: the parallel style of its submodule, or plain DTensor."""
+    mode = wrapper.__dict__.get("_parallel_mode")
+    if mode == DTENSOR:
+        return {id(v): "DTensor, no parallel style" for v in wrapper.variables}
+    styles = wrapper.__dict__.get("_parallel_styles")
+    if styles is None:
+        return {}
+    found = {}
+    for name, (variable, _) in styles.variables.items():
+        owner = name.rpartition(".")[0]
+        style = styles.plan.get(owner)
+        found[id(variable)] = type(style).__name__ if style else "replicated"
+    return found
+
+
+def _normalized(placement, ndim):
+    """`Shard(-1)` as `Shard(ndim - 1)`; other placements as they are."""
+    if isinstance(placement, Shard) and placement.dim < 0:
+        return Shard(placement.dim + ndim)
+    return placement
+
+
+def use_variable_values(wrapper):
+    """DTensor mode: the module computes with its variables' values (laid
+    out DTensors) in place of its own parameters."""
+    for variable, (name, _) in zip(
+        wrapper.variables, list(wrapper.module.named_parameters())
+    ):
+        owner, _, leaf = name.rpartition(".")
+        submodule = wrapper.module.get_submodule(owner)
+        submodule.register_parameter(leaf, variable.value)
