@@ -50,6 +50,18 @@ def _torch_module(arrangement, layout_map):
     return [keras.layers.TorchModuleWrapper(module, name="mlp")]
 
 
+def _sequence_parallel_block(layout_map):
+    from keras.src.backend.torch.torch_module_parallel_test import (
+        SEQUENCE_LAYOUTS,
+        sequence_block,
+    )
+
+    for key, axes in SEQUENCE_LAYOUTS.items():
+        layout_map[key] = axes
+    torch.manual_seed(0)
+    return [keras.layers.TorchModuleWrapper(sequence_block(), name="mlp")]
+
+
 def _keras_layers(arrangement, layout_map, einsum):
     """Keras layers laid out Keras-style (`(in, out)`: column-wise is
     `(None, "model")`)."""
@@ -87,14 +99,19 @@ def count_collectives(route, arrangement):
     keras.distribution.set_distribution(
         keras.distribution.ModelParallel(layout_map=layout_map)
     )
-    if route == "torch":
+    if arrangement == "sequence_parallel":
+        layers = _sequence_parallel_block(layout_map)
+    elif route == "torch":
         layers = _torch_module(arrangement, layout_map)
     else:
         layers = _keras_layers(arrangement, layout_map, route == "einsum")
     torch_mesh = mesh.backend_mesh
     features = Shard(1) if arrangement == "row" else Replicate()
+    shape = (4, FEATURES)
+    if arrangement == "sequence_parallel":
+        shape = (2, 4, 16)  # (batch, sequence, features)
     x = DTensor.from_local(
-        torch.randn(4, FEATURES), torch_mesh, (Shard(0), Replicate())
+        torch.randn(*shape), torch_mesh, (Shard(0), Replicate())
     )
     x = x.redistribute(torch_mesh, (Shard(0), features))
     x = x.detach().requires_grad_(True)
@@ -127,3 +144,19 @@ class CommunicationCountsTest(testing.TestCase):
 
     def test_keras_einsum_dense_through_dtensor(self):
         self.assert_megatron_counts("einsum")
+
+    def test_sequence_parallel_block(self):
+        # Forward: the first row-wise layer reduce-scatters the sequence,
+        # the next column-wise one all-gathers it, the last all-reduces.
+        # Backward: the reverse of each, plus the LayerNorm's weight and
+        # bias gradients summed over the sequence blocks.
+        expected = (
+            {"reduce_scatter_tensor": 1, "all_gather_into_tensor": 1}
+            | {"all_reduce": 1},
+            {"all_reduce": 3, "all_gather_into_tensor": 1}
+            | {"reduce_scatter_tensor": 1},
+        )
+        for counts in run_on_processes(
+            2, count_collectives, "torch", "sequence_parallel"
+        ):
+            self.assertEqual(counts, expected)

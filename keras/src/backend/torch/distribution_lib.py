@@ -29,6 +29,7 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ColwiseParallel
 from torch.distributed.tensor.parallel import RowwiseParallel
+from torch.distributed.tensor.parallel import SequenceParallel
 from torch.distributed.tensor.parallel import (
     parallelize_module as torch_parallelize_module,
 )
@@ -411,11 +412,25 @@ def parallel_plan(module, layout_map, module_path):
         module_path: the Keras path of `module`, e.g. a
             `TorchModuleWrapper`'s name.
 
+    Sequence parallelism follows output layouts: where the map splits a
+    submodule's output (key `encoder/3/output`, or `encoder.3.output`)
+    along a dim other than the last over the styles' axis, see
+    `_with_sequence_parallel`.
+
     Returns:
         `(plan, axis)`: `{submodule name: style}` in module order (`""`
         for `module` itself), and the mesh axis name (None when the plan
         is empty).
     """
+    plan, axis = _weight_styles(module, layout_map, module_path)
+    if plan:
+        plan = _with_sequence_parallel(
+            module, layout_map, module_path, plan, axis
+        )
+    return plan, axis
+
+
+def _weight_styles(module, layout_map, module_path):
     plan, mesh_axes = {}, set()
     for name, submodule in module.named_modules():
         # `module` itself is named "", its weight `{module_path}/weight`.
@@ -432,6 +447,79 @@ def parallel_plan(module, layout_map, module_path):
             "one mesh axis."
         )
     return plan, (mesh_axes.pop() if mesh_axes else None)
+
+
+def _with_sequence_parallel(module, layout_map, module_path, plan, axis):
+    """`plan`, with its styles moved to sequence parallelism where the
+    layout map splits outputs along a "sequence" dim over `axis`.
+
+    The module is read as a chain of its leaf modules, in order. A
+    row-wise layer whose output is split so reduce-scatters it
+    (`RowwiseParallel(output_layouts=Shard(d))`) in place of all-reducing
+    it; a leaf without a style whose output is split, fed a split input (a
+    norm, a dropout), runs `SequenceParallel`; the next column-wise layer
+    all-gathers its split input (`ColwiseParallel(input_layouts=
+    Shard(d))`).
+    """
+    refined, incoming = {}, None  # `incoming`: the split dim of the input.
+    for name, leaf in _leaf_modules(module):
+        dim = _sequence_dim(layout_map, module_path, name, axis)
+        style = plan.get(name)
+        where = f"{module_path}/{name}" if name else module_path
+        if isinstance(style, ColwiseParallel):
+            if dim is not None:
+                raise ValueError(
+                    f"The output of {where} is laid out split along dim "
+                    f"{dim}, but a column-wise layer splits its features."
+                )
+            if incoming is not None:
+                style = ColwiseParallel(input_layouts=Shard(incoming))
+            incoming = None
+        elif isinstance(style, RowwiseParallel):
+            if dim is not None:
+                style = RowwiseParallel(
+                    input_layouts=style.input_layouts[0],
+                    output_layouts=Shard(dim),
+                )
+            incoming = dim
+        elif dim is not None:
+            if incoming != dim:
+                raise ValueError(
+                    f"The output of {where} is laid out split along dim "
+                    f"{dim}, but its input is not: lay out the output of "
+                    "the row-wise layer before it the same way."
+                )
+            style = SequenceParallel(sequence_dim=dim, use_local_output=True)
+        elif incoming is not None and list(leaf.parameters(recurse=False)):
+            raise ValueError(
+                f"{where} has parameters and takes an input split along dim "
+                f"{incoming}: lay out its output like its input to run it "
+                f"sequence-parallel (key '{where}/output')."
+            )
+        if style is not None:
+            refined[name] = style
+    return refined
+
+
+def _leaf_modules(module):
+    return [
+        (name, m)
+        for name, m in module.named_modules()
+        if next(m.children(), None) is None
+    ]
+
+
+def _sequence_dim(layout_map, module_path, name, axis):
+    """The dim, other than the last, along which the layout map splits the
+    output of submodule `name` over mesh axis `axis`; else None."""
+    scopes = name.split(".") if name else []
+    layout = layout_map["/".join([module_path, *scopes, "output"])]
+    if layout is None:
+        return None
+    for dim, entry in enumerate(layout.axes[:-1]):
+        if axis in mesh_axes_of(entry):
+            return dim
+    return None
 
 
 def parallelize_module(module, layout_map, module_path):

@@ -513,3 +513,53 @@ class ParallelStyleTest(testing.TestCase):
             self.assertEqual(second, (Shard(1),))
             self.assertEqual(first_block, (8, 8))
             self.assertAllClose(output, expected, atol=1e-6)
+
+    def _sequence_plan(self, drop=(), extra=None):
+        """The plan for the sequence-parallel block, less the `drop` keys,
+        with the `extra` ones; or the error it raises."""
+        from keras.src.backend.torch.torch_module_parallel_test import (
+            SEQUENCE_LAYOUTS,
+            sequence_block,
+        )
+
+        layout_map = LayoutMap(DeviceMesh((2,), ["model"], ["cpu:0", "cpu:1"]))
+        layouts = dict(SEQUENCE_LAYOUTS, **(extra or {}))
+        for key, axes in layouts.items():
+            if key not in drop:
+                # One mesh axis here: no "batch".
+                layout_map[key] = tuple(
+                    None if a == "batch" else a for a in axes
+                )
+        try:
+            plan, axis = distribution_lib.parallel_plan(
+                sequence_block(), layout_map, "mlp"
+            )
+        except ValueError as error:
+            return str(error)
+        return {name: repr(style) for name, style in plan.items()}, axis
+
+    def test_outputs_split_along_the_sequence_make_it_sequence_parallel(self):
+        plan, axis = self._sequence_plan()
+        self.assertEqual(axis, "model")
+        self.assertEqual(list(plan), ["0", "2", "3", "4", "6"])
+        self.assertIn("output_layouts=(Shard(dim=1),)", plan["2"])
+        self.assertIn("SequenceParallel(sequence_dim=1", plan["3"])
+        self.assertIn("input_layouts=(Shard(dim=1),)", plan["4"])
+        self.assertIn("output_layouts=(Replicate(),)", plan["6"])
+
+    def test_sequence_layouts_that_do_not_chain_are_errors(self):
+        # The norm's input is whole: the row-wise layer before all-reduced.
+        error = self._sequence_plan(drop=("mlp.2.output",))
+        self.assertIn(
+            "The output of mlp/3 is laid out split along dim 1", error
+        )
+        self.assertIn("lay out the output of the row-wise layer", error)
+        # The norm takes a split input but was not declared split.
+        error = self._sequence_plan(drop=("mlp.3.output",))
+        self.assertIn("mlp/3 has parameters and takes an input split", error)
+        self.assertIn("key 'mlp/3/output'", error)
+        # A column-wise output is split along features, not the sequence.
+        error = self._sequence_plan(
+            extra={"mlp.0.output": (None, "model", None)}
+        )
+        self.assertIn("a column-wise layer splits its features", error)

@@ -8,14 +8,14 @@ out when memory runs out. After a model's first step under `ModelParallel`
 this module reports, once, in one warning:
 
 - the keys that matched no variable so far;
-- the variables no key matched although most variables of their shape
-  are sharded (the usual sign of a key that misses one block of a model).
+- the variables no key matched although most variables as large are
+  sharded (the usual sign of a key that misses one block of a model).
 
 Set `layout_map.strict = True` to raise a `ValueError` instead, on every
 rank (the check is the same on each).
 """
 
-import collections
+import math
 import warnings
 
 from keras.src.backend.torch.distribution_lib import TorchPathAdapter
@@ -49,27 +49,31 @@ def is_sharded(variable):
     return layout is not None and any(a is not None for a in layout.axes)
 
 
-def unsharded_lookalikes(variables):
-    """Replicated variables of a shape that most variables of that shape
-    are sharded in: a block the keys miss looks like the blocks they hit,
-    while norms and biases left replicated on purpose rarely share a shape
-    with a sharded kernel."""
-    by_shape = collections.defaultdict(list)
-    for variable in variables:
-        by_shape[tuple(variable.shape)].append(variable)
-    missed = set()
-    for group in by_shape.values():
-        replicated = [id(v) for v in group if not is_sharded(v)]
-        if len(replicated) * 2 < len(group):
-            missed.update(replicated)
-    return [v for v in variables if id(v) in missed]
+def unsharded_large_variables(variables):
+    """Replicated variables at least as large as the median sharded one,
+    when most variables that large are sharded: a block the keys miss is
+    as large as the blocks they hit, while the norms and biases left
+    replicated on purpose are small."""
+    sharded_sizes = sorted(_size(v) for v in variables if is_sharded(v))
+    if not sharded_sizes:
+        return []
+    median = sharded_sizes[len(sharded_sizes) // 2]
+    large = [v for v in variables if _size(v) >= median]
+    replicated = [v for v in large if not is_sharded(v)]
+    if len(replicated) * 2 >= len(large):
+        return []  # Mostly replicated: a choice, not an oversight.
+    return replicated
+
+
+def _size(variable):
+    return math.prod(variable.shape)
 
 
 def report(model, layout_map):
     """The warning text for `model` under `layout_map`, or None when all
     is well."""
     keys = unmatched_keys(layout_map)
-    missed = unsharded_lookalikes(model.weights)
+    missed = unsharded_large_variables(model.weights)
     if not keys and not missed:
         return None
     paths = [v.path for v in model.weights]
@@ -78,8 +82,8 @@ def report(model, layout_map):
         lines.append(f"LayoutMap keys that matched no variable: {keys}.")
     if missed:
         lines.append(
-            "Variables no LayoutMap key matched, though most variables of "
-            f"their shape are sharded: {[v.path for v in missed]}."
+            "Variables no LayoutMap key matched, though most variables as "
+            f"large are sharded: {[v.path for v in missed]}."
         )
     lines.append(
         "A key must match a variable's whole path (`re.fullmatch`), "

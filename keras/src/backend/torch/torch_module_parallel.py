@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Partial
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import SequenceParallel
 from torch.utils import _pytree
 
 STYLES, DTENSOR, REPLICATED = "parallel styles", "DTensor", "replicated"
@@ -87,11 +88,11 @@ class ParallelStyles:
         # A column-wise last layer leaves each rank a block of its output
         # features: the global count is the layer's.
         last = wrapper.module.get_submodule(list(plan)[-1])
-        self.output_features = (
-            last.weight.shape[0]
-            if isinstance(last, torch.nn.Linear)
-            else last.weight.shape[1]
-        )
+        self.output_features = None
+        if isinstance(last, torch.nn.Linear):
+            self.output_features = last.weight.shape[0]
+        elif isinstance(last, torch.nn.Embedding):
+            self.output_features = last.weight.shape[1]
         apply_parallel_plan(wrapper.module, self.mesh[axis], plan)
         # Parameter name -> (Keras variable, its placement on the 1-D mesh
         # where a style made it a DTensor, else None).
@@ -137,8 +138,10 @@ class ParallelStyles:
         args, kwargs = _pytree.tree_map(
             lambda x: self._local_input(x, rows), (args, kwargs)
         )
+        batch_dim = self.mesh.mesh_dim_names.index(self.batch_axis)
+        batch_split = any(isinstance(p[batch_dim], Shard) for _, p in rows)
         views = {
-            name: self._view(variable, placement)
+            name: self._view(variable, placement, batch_split)
             for name, (variable, placement) in self.variables.items()
         }
         outputs = torch.func.functional_call(module, views, args, kwargs)
@@ -149,16 +152,16 @@ class ParallelStyles:
         placements[self.mesh.mesh_dim_names.index(self.axis)] = placement
         return tuple(placements)
 
-    def _view(self, variable, placement):
+    def _view(self, variable, placement, batch_split):
         """What the module computes with: the variable's block, as a DTensor
         of the 1-D mesh where a style made the parameter one (`placement`),
-        plain otherwise. Its gradient is a partial sum over the batch axis,
-        the module seeing part of the batch; the trainer reduces it with the
-        others."""
+        plain otherwise. When the batch is split (`batch_split`), its
+        gradient is a partial sum over the batch axis, the module seeing
+        part of the batch; the trainer reduces it with the others."""
         value = variable.value
         names = self.mesh.mesh_dim_names
         grad_placements = [
-            Partial() if names[i] == self.batch_axis else p
+            Partial() if batch_split and names[i] == self.batch_axis else p
             for i, p in enumerate(value.placements)
         ]
         local = value.to_local(grad_placements=grad_placements)
@@ -176,9 +179,12 @@ class ParallelStyles:
     def _local_input(self, x, rows):
         """This rank's block of input `x`: its batch rows, laid out along
         the style axis as the first style takes its input."""
-        if not isinstance(x, DTensor):
+        if not isinstance(x, torch.Tensor):
             return x
-        wanted = _normalized(self.styles[0].input_layouts[0], x.ndim)
+        if not isinstance(x, DTensor):  # The whole value, on every rank.
+            replicated = [Replicate()] * self.mesh.ndim
+            x = DTensor.from_local(x, self.mesh, replicated, run_check=False)
+        wanted = _normalized(_input_placement(self.styles[0]), x.ndim)
         names = self.mesh.mesh_dim_names
         placements = [
             x.placements[i] if names[i] == self.batch_axis else Replicate()
@@ -187,7 +193,7 @@ class ParallelStyles:
         placements[names.index(self.axis)] = wanted
         if tuple(placements) != tuple(x.placements):
             x = x.redistribute(self.mesh, placements)
-        rows.append((x.shape[0], x.placements))
+        rows.append((x.shape, x.placements))
         return x.to_local()
 
     def _global_output(self, y, rows):
@@ -198,18 +204,19 @@ class ParallelStyles:
         names = self.mesh.mesh_dim_names
         shape, batch_placement = list(y.shape), Replicate()
         if rows:
-            shape[0], input_placements = rows[0]
+            input_shape, input_placements = rows[0]
+            shape[0] = input_shape[0]
             batch_placement = input_placements[names.index(self.batch_axis)]
         placements = [
             batch_placement if name == self.batch_axis else Replicate()
             for name in names
         ]
-        feature_placement = _normalized(
-            self.styles[-1].output_layouts[0], y.ndim
-        )
-        placements[names.index(self.axis)] = feature_placement
-        if isinstance(feature_placement, Shard):
-            shape[feature_placement.dim] = self.output_features
+        placement = _normalized(_output_placement(self.styles[-1]), y.ndim)
+        placements[names.index(self.axis)] = placement
+        if isinstance(placement, Shard) and placement.dim == y.ndim - 1:
+            shape[-1] = self.output_features
+        elif isinstance(placement, Shard):  # A sequence, as it came in.
+            shape[placement.dim] = input_shape[placement.dim]
         return DTensor.from_local(
             y,
             self.mesh,
@@ -235,6 +242,20 @@ def notes(wrapper):
         style = styles.plan.get(owner)
         found[id(variable)] = type(style).__name__ if style else "replicated"
     return found
+
+
+def _input_placement(style):
+    """How a style takes its input along its mesh axis."""
+    if isinstance(style, SequenceParallel):
+        return style.sequence_sharding[0]
+    return style.input_layouts[0]
+
+
+def _output_placement(style):
+    """How a style leaves its output along its mesh axis."""
+    if isinstance(style, SequenceParallel):
+        return style.sequence_sharding[0]
+    return style.output_layouts[0]
 
 
 def _normalized(placement, ndim):

@@ -42,8 +42,48 @@ def _embedding_model():
     return keras.Model(inputs, outputs)
 
 
+def sequence_block():
+    """Megatron with sequence parallelism between the two MLPs: column,
+    row (reduce-scatter), LayerNorm (SequenceParallel), column
+    (all-gather), row."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 32),
+        torch.nn.GELU(),
+        torch.nn.Linear(32, 16),
+        torch.nn.LayerNorm(16),
+        torch.nn.Linear(16, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 16),
+    )
+
+
+SEQUENCE_LAYOUTS = {
+    "mlp.0.weight": ("model", None),
+    "mlp.2.weight": (None, "model"),
+    "mlp.2.output": ("batch", "model", None),  # Split the sequence dim.
+    "mlp.3.output": ("batch", "model", None),
+    "mlp.4.weight": ("model", None),
+    "mlp.6.weight": (None, "model"),
+}
+
+
+def _sequence_model():
+    """Keras Dense -> wrapped sequence-parallel block -> Keras layers."""
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((4, 8))
+    x = keras.layers.Dense(16, activation="relu", name="pre")(inputs)
+    x = keras.layers.TorchModuleWrapper(
+        sequence_block(), name="mlp", output_shape=(None, 4, 16)
+    )(x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    outputs = keras.layers.Dense(4, name="head")(x)
+    return keras.Model(inputs, outputs)
+
+
 def _data(model_name):
     rng = np.random.RandomState(0)
+    if model_name == "sequence":
+        return rng.rand(32, 4, 8).astype("float32"), rng.rand(32, 4)
     if model_name == "embedding":
         x = rng.randint(0, 32, size=(32, 6)).astype("int32")
     else:
@@ -64,6 +104,7 @@ LAYOUTS = {
     },
     # A LayerNorm has no parallel style: the whole module goes DTensor.
     "dtensor": {"mlp.0.weight": ("model", None), "mlp.2.weight": ("model",)},
+    "sequence": SEQUENCE_LAYOUTS,
     "embedding_rows": {"table.weight": ("model", None)},
     "embedding_columns": {"table.weight": (None, "model")},
 }
@@ -88,7 +129,10 @@ def fit(layouts_name, mesh_shape):
     if mesh_shape is not None:
         _set_distribution(layouts_name, mesh_shape)
     model_name = "embedding" if "embedding" in layouts_name else "mlp"
-    if model_name == "embedding":
+    if layouts_name == "sequence":
+        model_name = "sequence"
+        model = _sequence_model()
+    elif model_name == "embedding":
         model = _embedding_model()
     else:
         model = _mlp_model(norm=layouts_name == "dtensor")
@@ -160,6 +204,17 @@ class TorchModuleParallelTest(testing.TestCase):
             self.assert_matches_one_process(
                 layouts_name, "parallel styles", placements
             )
+
+    def test_sequence_parallel_where_outputs_split_the_sequence(self):
+        placements = ["(Replicate(), Shard(dim=0))"] * 2  # 0: column-wise.
+        placements += ["(Replicate(), Shard(dim=1))"]  # 2: row-wise.
+        placements += ["(Replicate(), Replicate())"] * 3  # 2.bias, the norm.
+        placements += ["(Replicate(), Shard(dim=0))"] * 2  # 4: column-wise.
+        placements += ["(Replicate(), Shard(dim=1))"]  # 6: row-wise.
+        placements += ["(Replicate(), Replicate())"]
+        self.assert_matches_one_process(
+            "sequence", "parallel styles", placements
+        )
 
     def test_embedding_rows_and_columns_through_parallel_styles(self):
         self.assert_matches_one_process(

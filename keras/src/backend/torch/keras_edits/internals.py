@@ -238,6 +238,8 @@ TORCH_USED = (
     ),
     # Keras maps over batches with torch's pytree; LocalBlock is a node.
     ("torch.utils._pytree", "register_pytree_node"),
+    # A wrapped module's inputs and outputs, mapped over.
+    ("torch.utils._pytree", "tree_map"),
     # A replicated DTensor's storage, shared by its local replica.
     ("torch.distributed.tensor", "DTensor._local_tensor"),
     # A wrapped module run on views of its Keras variables.
