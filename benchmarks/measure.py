@@ -242,6 +242,12 @@ def configurations(mode, processes):
     """`(side, case, batch, shrink, compile)` of every run of `mode`."""
     runs = []
     for case, (kind, batch) in workloads.CASES.items():
+        if case == "mp_torch_blocks":  # Its torch side is mp_blocks'.
+            if mode == "single":
+                runs.append(("keras", case, batch, processes, False))
+            else:
+                runs.append(("keras", case, batch, 1, False))
+            continue
         if mode == "single":
             share = (batch // processes, 1) if kind == "data" else (batch, 2)
             for side in ("torch", "keras"):

@@ -16,6 +16,9 @@ last line one JSON object of ratios, each between two numbers of this run:
   or the model with its sharded dims divided by the process count).
 - collectives per training step and bytes per rank under model
   parallelism, against plain tensor parallelism and against one process.
+- `mp_torch_module_*`: the same PyTorch blocks inside a Keras
+  `TorchModuleWrapper`, laid out by a LayoutMap (torch's parallel styles),
+  against the same plain tensor parallelism.
 
 Every process runs one thread (`torch.set_num_threads(1)`): on this
 machine's 2 cores, 2 ranks get one core each, and so does the baseline.
@@ -107,6 +110,22 @@ def compare(results, processes):
     summary["mp_bytes_per_rank"] = ours["bytes_per_rank"]
     summary["mp_bytes_single_process"] = whole["bytes_per_rank"]
     summary["mp_bytes_bound"] = ours["bytes_bound"]
+
+    wrapped = find(
+        results, mode="distributed", side="keras", case="mp_torch_blocks"
+    )
+    wrapped_share = find(
+        results, mode="single", side="keras", case="mp_torch_blocks"
+    )
+    summary["mp_torch_module_step_ratio_vs_tp"] = (
+        wrapped["step_ms"] / tp["step_ms"]
+    )
+    summary["mp_torch_module_dist_cost_ratio"] = _cost_ratio(
+        wrapped, wrapped_share, tp, torch_share
+    )
+    summary["mp_torch_module_collectives_per_step"] = wrapped[
+        "collectives_per_step"
+    ]
 
     for prefix, case, baseline in (
         ("dp", "dp_mlp", "ddp"),

@@ -17,6 +17,9 @@ CASES = {
     "dp_mlp": ("data", 256),
     "dp_transformer": ("data", 64),
     "mp_blocks": ("model", 8),
+    # The same PyTorch blocks inside a Keras TorchModuleWrapper, laid out
+    # by a LayoutMap in PyTorch spelling (torch's parallel styles).
+    "mp_torch_blocks": ("model", 8),
 }
 MLP_SIZES = (784, 1024, 1024, 10)
 TRANSFORMER = dict(vocabulary=32, length=8, dim=16, heads=2, hidden=32)
@@ -202,9 +205,32 @@ def keras_blocks_layouts(layout_map):
     layout_map["attention/attention_output/kernel"] = ("model", None, None)
 
 
+def keras_torch_blocks(shrink=1):
+    torch.manual_seed(0)  # The torch side's weights.
+    shape = (BLOCKS["length"], BLOCKS["dim"])
+    inputs = keras.Input(shape)
+    wrapper = keras.layers.TorchModuleWrapper(
+        TorchBlocks(shrink), name="blocks", output_shape=(None,) + shape
+    )
+    return keras.Model(inputs, wrapper(inputs), name="torch_blocks")
+
+
+def keras_torch_blocks_layouts(layout_map):
+    """`tensor_parallel_plan`, as LayoutMap entries on PyTorch weights
+    (`(out, in)`: column-wise is `("model", None)`)."""
+    for block in ("mlp_0", "mlp_1"):
+        layout_map[f"blocks.{block}.up.weight"] = ("model", None)
+        layout_map[f"blocks.{block}.down.weight"] = (None, "model")
+    layout_map["blocks.attention.(query|key|value).weight"] = ("model", None)
+    layout_map["blocks.attention.output.weight"] = (None, "model")
+
+
 def keras_model(case, shrink=1):
     keras.utils.set_random_seed(0)
-    if case == "dp_mlp":
+    if case == "mp_torch_blocks":
+        model = keras_torch_blocks(shrink)
+        loss = "mse"
+    elif case == "dp_mlp":
         model = keras_mlp()
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     elif case == "dp_transformer":
@@ -229,5 +255,8 @@ def keras_distribution(case):
         (1, len(devices)), ["batch", "model"], devices
     )
     layout_map = keras.distribution.LayoutMap(mesh)
-    keras_blocks_layouts(layout_map)
+    if case == "mp_torch_blocks":
+        keras_torch_blocks_layouts(layout_map)
+    else:
+        keras_blocks_layouts(layout_map)
     return keras.distribution.ModelParallel(layout_map=layout_map)
