@@ -44,9 +44,13 @@ def unmatched_keys(layout_map):
     return [key for key in layout_map._layout_map if key not in matched]
 
 
-def is_sharded(variable):
-    layout = getattr(variable, "_layout", None)
+def shards(layout):
+    """Whether `layout` (a `TensorLayout` or None) splits any dim."""
     return layout is not None and any(a is not None for a in layout.axes)
+
+
+def is_sharded(variable):
+    return shards(getattr(variable, "_layout", None))
 
 
 def unsharded_large_variables(variables):

@@ -36,6 +36,7 @@ def mode_of(module, module_path, layout_map):
     `layout_map` (see the module docstring): `(mode, plan, axis)`, with the
     parallel plan and its mesh axis."""
     from keras.src.backend.torch import distribution_lib
+    from keras.src.backend.torch.layout_report import shards
 
     plan, axis = distribution_lib.parallel_plan(module, layout_map, module_path)
     styled = {
@@ -46,7 +47,7 @@ def mode_of(module, module_path, layout_map):
     sharded = [
         name
         for name, _ in module.named_parameters()
-        if _is_sharded(layout_map["/".join([module_path, *name.split(".")])])
+        if shards(layout_map["/".join([module_path, *name.split(".")])])
     ]
     if not sharded:
         return REPLICATED, plan, axis
@@ -57,10 +58,6 @@ def mode_of(module, module_path, layout_map):
 
 def _joined(module_name, parameter_name):
     return f"{module_name}.{parameter_name}" if module_name else parameter_name
-
-
-def _is_sharded(layout):
-    return layout is not None and any(a is not None for a in layout.axes)
 
 
 class ParallelStyles:
