@@ -49,8 +49,8 @@ def _track_module_parameters(self):
     if mode[0] == tmp.DTENSOR:
         tmp.use_variable_values(self)
     names = [name for name, _ in self.module.named_parameters()]
-    self.__dict__["_parameter_variables"] = dict(zip(names, self.variables))
     # In `__dict__`: kept out of Keras's attribute tracking.
+    self.__dict__["_parameter_variables"] = dict(zip(names, self.variables))
     self.__dict__["_parallel_styles"] = styles
     self.__dict__["_parallel_mode"] = mode[0]
     self.built = True
