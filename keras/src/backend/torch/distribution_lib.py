@@ -396,6 +396,14 @@ def infer_parallel_style(module, weight_axes):
     return None
 
 
+def submodule_path(module_path, *names):
+    """The Keras path of `names` (PyTorch-dotted, "" for none) under a
+    wrapped module at `module_path`: `("encoder", "0", "weight")` ->
+    `"encoder/0/weight"`."""
+    parts = [p for name in names if name for p in name.split(".")]
+    return "/".join([module_path, *parts])
+
+
 def parallel_plan(module, layout_map, module_path):
     """The torch tensor-parallel plan `layout_map` asks for `module`.
 
@@ -433,9 +441,8 @@ def parallel_plan(module, layout_map, module_path):
 def _weight_styles(module, layout_map, module_path):
     plan, mesh_axes = {}, set()
     for name, submodule in module.named_modules():
-        # `module` itself is named "", its weight `{module_path}/weight`.
-        scopes = name.split(".") if name else []
-        layout = layout_map["/".join([module_path, *scopes, "weight"])]
+        # `module` itself is named "": its weight is `{module_path}/weight`.
+        layout = layout_map[submodule_path(module_path, name, "weight")]
         style = layout and infer_parallel_style(submodule, layout.axes)
         if style is not None:
             plan[name] = style
@@ -512,8 +519,7 @@ def _leaf_modules(module):
 def _sequence_dim(layout_map, module_path, name, axis):
     """The dim, other than the last, along which the layout map splits the
     output of submodule `name` over mesh axis `axis`; else None."""
-    scopes = name.split(".") if name else []
-    layout = layout_map["/".join([module_path, *scopes, "output"])]
+    layout = layout_map[submodule_path(module_path, name, "output")]
     if layout is None:
         return None
     for dim, entry in enumerate(layout.axes[:-1]):

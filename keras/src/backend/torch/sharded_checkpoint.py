@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from keras.src.backend.torch import distribution_lib
+
 
 def save_sharded(model, path):
     """Saves `model`'s variables and optimizer state to `path`.
@@ -39,7 +41,7 @@ def save_sharded(model, path):
     """
     from keras.src.backend.torch import single_writer
 
-    _ensure_process_group()
+    distribution_lib._ensure_process_group()  # DCP plans through one.
     single_writer.all_arrive("save_sharded")
     temporary = _agreed(f"{os.fspath(path)}.{uuid.uuid4().hex[:8]}.partial")
     dcp.save(state_of(model), checkpoint_id=temporary)
@@ -54,7 +56,7 @@ def load_sharded(model, path):
             is built here if it is not yet).
         path: the directory `save_sharded` wrote.
     """
-    _ensure_process_group()
+    distribution_lib._ensure_process_group()  # DCP plans through one.
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and not optimizer.built:
         optimizer.build(model.trainable_variables)
@@ -117,10 +119,3 @@ def _replace(temporary, path):
     os.rename(temporary, path)
     if previous is not None:
         shutil.rmtree(previous)
-
-
-def _ensure_process_group():
-    """DCP plans through a process group; a lone process gets its own."""
-    from keras.src.backend.torch import distribution_lib
-
-    distribution_lib._ensure_process_group()

@@ -47,7 +47,9 @@ def mode_of(module, module_path, layout_map):
     sharded = [
         name
         for name, _ in module.named_parameters()
-        if shards(layout_map["/".join([module_path, *name.split(".")])])
+        if shards(
+            layout_map[distribution_lib.submodule_path(module_path, name)]
+        )
     ]
     if not sharded:
         return REPLICATED, plan, axis
