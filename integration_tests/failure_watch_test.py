@@ -94,3 +94,28 @@ class FailureWatchTest(testing.TestCase):
             for process in processes:
                 if process.poll() is None:
                     stop(process)
+
+
+class TorchrunRootCauseTest(testing.TestCase):
+    def test_torchrun_names_the_rank_that_failed(self):
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            + ["--nproc_per_node=2", SCRIPT, "1", "raise"],
+            env=dict(
+                os.environ,
+                KERAS_BACKEND="torch",
+                KERAS_DISTRIBUTION_TIMEOUT=str(TIMEOUT_SECONDS),
+                OMP_NUM_THREADS="1",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_SECONDS * 2,
+        )
+        seconds = time.monotonic() - started
+        self.assertNotEqual(result.returncode, 0)
+        summary = result.stderr[result.stderr.rindex("Root Cause") :]
+        self.assertRegex(summary, r"rank\s*: 1 \(local_rank: 1\)")
+        self.assertRegex(summary, r"exitcode\s*: 1 ")
+        # The failing rank keeps a non-daemon thread alive for 120 s.
+        self.assertLess(seconds, TIMEOUT_SECONDS / 2, result.stderr)

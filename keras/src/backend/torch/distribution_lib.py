@@ -13,11 +13,13 @@ each rank keeps its own block, so distributing a plain value communicates
 nothing.
 """
 
+import atexit
 import collections
 import datetime
 import os
 import random
 import re
+import time
 import warnings
 
 import numpy as np
@@ -42,6 +44,9 @@ TORCH_DEVICE_TYPES = {"cpu": "cpu", "gpu": "cuda"}
 # sooner (see `failure_watch`), this bounds every other kind of stall.
 TIMEOUT_ENV = "KERAS_DISTRIBUTION_TIMEOUT"
 DEFAULT_TIMEOUT_SECONDS = 600
+
+# How long the exit handler releases the GIL for gloo's worker threads.
+GIL_RELEASE_AT_EXIT_SECONDS = 0.05
 
 # Set by `torchrun` (and other launchers) for every process it starts.
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -114,11 +119,39 @@ def initialize(job_addresses=None, num_processes=None, process_id=None):
         rank=settings.rank,
         timeout=timeout,
     )
+    watch = None
     if settings.world_size > 1:
         from keras.src.backend.torch import failure_watch
 
-        failure_watch.start(settings.rank, settings.world_size, timeout)
+        watch = failure_watch.start(settings.rank, settings.world_size, timeout)
+    atexit.register(_shut_down_at_exit, watch)
     _agree_on_random_seed()
+
+
+def _shut_down_at_exit(watch):
+    """Ends what `initialize` started while the interpreter is whole.
+
+    Gloo's worker thread drops its reference to a collective's work object
+    just after the waiting thread wakes up. When that is the last
+    reference, the work is destroyed on the worker thread, which takes the
+    GIL to release the Python state the work captured (seen with gdb:
+    `~AsyncWork` -> `~ThreadLocalState` -> `take_gil`). If the main thread
+    reaches interpreter finalization first, the worker is refused the GIL
+    and killed inside a C++ destructor: "terminate called without an
+    active exception", SIGABRT, after a job that succeeded (about 1 run in
+    6 of a short 2-process `fit`). So, before finalization: stop the
+    failure watch's thread (also a thread inside C++ store calls), destroy
+    the process group, and release the GIL once so that a worker waiting
+    for it finishes.
+    """
+    if watch is not None:
+        if watch.failed:
+            return  # The group may hold work the others never joined.
+        watch.stop()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _torch_meshes.clear()
+    time.sleep(GIL_RELEASE_AT_EXIT_SECONDS)
 
 
 def num_processes():
@@ -659,6 +692,7 @@ def _ensure_process_group():
             rank=0,
             world_size=1,
         )
+        atexit.register(_shut_down_at_exit, None)
 
 
 def _agree_on_random_seed():

@@ -5,11 +5,15 @@ for the process group's timeout, or forever under NCCL. Each rank shares a
 small record through the default process group's store:
 
 - A rank whose main thread ends with an uncaught exception publishes
-  `failed/<rank>` with the error, before Python prints the traceback.
+  `failed/<rank>` with the error, before Python prints the traceback. It
+  then exits within `FAILED_RANK_EXIT_SECONDS`, whatever it still runs
+  (a non-daemon thread, a collective the others never joined).
 - A daemon thread on every rank polls the store once a second. When another
-  rank has failed, it prints which rank and why, then ends this process with
-  status 1: the main thread may be blocked inside a collective that no
-  Python exception can interrupt.
+  rank has failed, it prints which rank and why, gives the failed rank
+  `FAILED_RANK_GRACE_SECONDS` to exit first (so that `torchrun`, which
+  stops the others when one exits, names the failed rank as the root
+  cause), then ends this process with status 1: the main thread may be
+  blocked inside a collective that no Python exception can interrupt.
 - The same thread beats a heartbeat and watches the next rank's. A rank
   silent for half the collective timeout, at most `HEARTBEAT_GRACE_SECONDS`
   (killed, crashed, frozen), is reported as failed by its watcher, unless
@@ -18,8 +22,7 @@ small record through the default process group's store:
   or torchrun's agent) exited, which is also how a finished job ends. The
   collective timeout bounds the rest.
 """
-
-import atexit
+import faulthandler
 import os
 import sys
 import threading
@@ -30,6 +33,8 @@ import torch.distributed as dist
 KEY_PREFIX = "keras_distribution/"
 POLL_SECONDS = 1.0
 HEARTBEAT_GRACE_SECONDS = 60.0
+FAILED_RANK_EXIT_SECONDS = 2.0
+FAILED_RANK_GRACE_SECONDS = 3.0
 EXIT_STATUS = 1
 
 
@@ -64,14 +69,26 @@ class FailureWatch:
         self.poll_seconds = poll_seconds
         self.heartbeat_grace_seconds = heartbeat_grace_seconds
         self._previous_excepthook = None
+        self.failed = False  # This rank raised.
+        self._stopping = threading.Event()
+        self._thread = None
 
     def start(self):
         self._previous_excepthook = sys.excepthook
         sys.excepthook = self._excepthook
-        atexit.register(self._mark_exited)
-        threading.Thread(
+        self._thread = threading.Thread(
             target=self._watch, name="keras-failure-watch", daemon=True
-        ).start()
+        )
+        self._thread.start()
+
+    def stop(self):
+        """Marks this rank as exited normally and ends the watching thread:
+        a thread left inside a store call while the interpreter finalizes
+        is killed in C++ code, which aborts the process."""
+        self._mark_exited()
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
 
     def report_failure(self, rank, description):
         self.store.set(f"failed/{rank}", description)
@@ -100,14 +117,27 @@ class FailureWatch:
             reported = True
         except Exception:  # The store may be gone with its host.
             pass
+        self.failed = True
         self._previous_excepthook(exc_type, exc, traceback)
-        if reported:
-            self._linger()
+        if reported and self._hosts_store():
+            # The others read the report from this process's store.
+            time.sleep(2 * self.poll_seconds)
+        self._exit_within(FAILED_RANK_EXIT_SECONDS)
 
-    def _linger(self):
-        """Stays up until every watcher has polled once more: this rank may
-        host the store that carries the report."""
-        time.sleep(2 * self.poll_seconds)
+    def _hosts_store(self):
+        agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        return self.rank == 0 and not agent_hosts
+
+    def _exit_within(self, seconds):
+        """Ends the process with `EXIT_STATUS` after `seconds`, unless it
+        ended before. faulthandler's timer is a C thread: it fires during
+        interpreter finalization too, where Python threads no longer run
+        (waiting for a non-daemon thread, destroying a process group with
+        work the others never joined)."""
+        self._devnull = open(os.devnull, "w")  # Where the timer's dump goes.
+        faulthandler.dump_traceback_later(
+            seconds, exit=True, file=self._devnull
+        )
 
     def _mark_exited(self):
         try:
@@ -117,8 +147,7 @@ class FailureWatch:
 
     def _watch(self):
         peer_beats, peer_seen_at = -1, time.monotonic()
-        while True:
-            time.sleep(self.poll_seconds)
+        while not self._stopping.wait(self.poll_seconds):
             try:
                 failure = self.first_other_failure()
                 self.store.add(f"heartbeat/{self.rank}", 1)
@@ -146,5 +175,5 @@ class FailureWatch:
 
     def _stop(self, reason):
         self._say(f"stopping because {reason}")
-        self._linger()
+        time.sleep(FAILED_RANK_GRACE_SECONDS)
         os._exit(EXIT_STATUS)
