@@ -71,6 +71,9 @@ COMPANIONS = {
     "keras.src.utils.io_utils": (
         "keras.src.backend.torch.keras_edits.io_utils"
     ),
+    "keras.src.utils.summary_utils": (
+        "keras.src.backend.torch.keras_edits.summary_utils"
+    ),
     "keras.src.utils.torch_utils": (
         "keras.src.backend.torch.keras_edits.torch_utils"
     ),

@@ -720,7 +720,9 @@ def _device_type(device_type):
         )
     if name == "gpu" and not torch.cuda.is_available():
         raise ValueError(
-            f"device_type={device_type!r} but torch finds no CUDA device."
+            f"device_type={device_type!r} but torch finds no CUDA device. "
+            "Build meshes from keras.distribution.list_devices(), which "
+            "lists the devices this job has ('cpu:<rank>' without CUDA)."
         )
     return name
 
@@ -747,6 +749,7 @@ def _mesh_ranks(device_mesh):
             f"A DeviceMesh uses one device type; got {device_types} in "
             f"{devices.tolist()}."
         )
+    _device_type(device_types[0])  # A GPU mesh needs CUDA.
     ranks = np.array([rank for _, rank in parsed], dtype=np.int64)
     world_size = num_processes()
     if sorted(ranks.tolist()) != list(range(world_size)):

@@ -228,6 +228,11 @@ class DevicesTest(testing.TestCase):
             self.skipTest("CUDA is available")
         with self.assertRaisesRegex(ValueError, "no CUDA device"):
             keras.distribution.list_devices("gpu")
+        # A mesh of GPU devices gets the same error, not torch's own.
+        mesh = keras.distribution.DeviceMesh((1,), ["batch"], ["gpu:0"])
+        layout = keras.distribution.TensorLayout(["batch"], mesh)
+        with self.assertRaisesRegex(ValueError, "no CUDA device.*list_dev"):
+            keras.distribution.distribute_tensor(np.ones(2), layout)
 
     def test_devices_are_global(self):
         for n in (1, 2, 4):

@@ -394,7 +394,7 @@ def gather_rows(local, sizes, group):
     padded = local.new_zeros((longest,) + tuple(local.shape[1:]))
     padded[: local.shape[0]] = local
     gathered = local.new_empty((longest * len(sizes),) + padded.shape[1:])
-    dist.all_gather_into_tensor(gathered, padded, group=group)
+    dist.all_gather_single(gathered, padded, group=group)
     pieces = [
         gathered[i * longest : i * longest + size]
         for i, size in enumerate(sizes)

@@ -19,6 +19,7 @@ written: a crash mid-save leaves the previous checkpoint whole.
 """
 
 import os
+import re
 import shutil
 import uuid
 
@@ -27,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from keras.src.backend.torch import distribution_lib
+from keras.src.backend.torch import single_writer
 
 
 def save_sharded(model, path):
@@ -39,8 +41,6 @@ def save_sharded(model, path):
         model: a built Keras model.
         path: a directory, on storage every process can reach.
     """
-    from keras.src.backend.torch import single_writer
-
     distribution_lib._ensure_process_group()  # DCP plans through one.
     single_writer.all_arrive("save_sharded")
     temporary = _agreed(f"{os.fspath(path)}.{uuid.uuid4().hex[:8]}.partial")
@@ -119,3 +119,5 @@ def _replace(temporary, path):
     os.rename(temporary, path)
     if previous is not None:
         shutil.rmtree(previous)
+    directory, name = os.path.split(os.path.abspath(path))
+    single_writer.remove_stale_partials(directory, rf"{re.escape(name)}\.")

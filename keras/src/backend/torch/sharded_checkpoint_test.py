@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 import keras
 from keras.src import testing
+from keras.src.backend.torch import h5_partial_read
 from keras.src.backend.torch.sharded_checkpoint import load_sharded
 from keras.src.backend.torch.sharded_checkpoint import save_sharded
 from keras.src.testing import checkpoint_models as cm
@@ -79,8 +80,20 @@ def wide_model_growth(path):
     model = cm.model(width=WIDE, features=WIDE)
     model.optimizer.build(model.trainable_variables)
     directory = os.path.join(os.path.dirname(path), "sharded")
+    block_reads = []
+    upstream = h5_partial_read.PartialRead.block_like
+
+    def block_like(self, like):
+        block_reads.append(tuple(self.shape))
+        return upstream(self, like)
+
+    h5_partial_read.PartialRead.block_like = block_like
+    try:
+        load_growth = cm.peak_growth(lambda: model.load_weights(path))
+    finally:
+        h5_partial_read.PartialRead.block_like = upstream
     growth = {
-        "load_weights": cm.peak_growth(lambda: model.load_weights(path)),
+        "load_weights": load_growth,
         "save_sharded": cm.peak_growth(lambda: save_sharded(model, directory)),
         "load_sharded": cm.peak_growth(lambda: load_sharded(model, directory)),
     }
@@ -90,7 +103,7 @@ def wide_model_growth(path):
     kernel = model.get_layer("wide").kernel.value
     local = kernel.to_local().detach().numpy()
     keras.distribution.set_distribution(None)
-    return growth, local
+    return growth, local, block_reads
 
 
 def _wide_kernel(h5_file):
@@ -139,21 +152,31 @@ class ShardedCheckpointTest(testing.TestCase):
             run_on_processes(2, save_crashing_on_rank_1, path, timeout=60)
         state, _ = load(path, None)
         cm.assert_states_equal(state, saved)
+        # It left a partial directory, which the next save removes.
+        names = os.listdir(os.path.dirname(path))
+        self.assertTrue([n for n in names if ".partial" in n], names)
+        run_on_processes(2, fit_and_save, path, "1x2", 1)
+        self.assertEqual(os.listdir(os.path.dirname(path)), ["checkpoint"])
 
     def test_memory_stays_with_the_local_shards(self):
         directory = tempfile.mkdtemp()
         path = os.path.join(directory, "wide.weights.h5")
         full = cm.model(width=WIDE, features=WIDE)
+        # Unlike the workers' freshly built model (same seed): a load that
+        # read nothing cannot pass.
+        kernel = full.get_layer("wide").kernel
+        kernel.assign(kernel.numpy() + 1.0)
         full.save_weights(path)
         expected = full.get_layer("wide").kernel.numpy()
         results = run_on_processes(4, wide_model_growth, path)
         # Its workers' heap is tuned for measuring; later tests get others.
         multi_process.shutdown()
         block = WIDE // 4
-        for rank, (growth, local) in enumerate(results):
+        for rank, (growth, local, block_reads) in enumerate(results):
             np.testing.assert_array_equal(
                 local, expected[:, rank * block : (rank + 1) * block]
             )
+            self.assertIn((WIDE, WIDE), block_reads)  # The partial read.
             # The measurement sees a whole kernel when one is read ...
             self.assertGreater(growth["whole_read"], 0.9 * WIDE_KERNEL_BYTES)
             # ... and none of these holds more than this rank's blocks of

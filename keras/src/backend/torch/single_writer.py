@@ -10,7 +10,7 @@ writes. The helpers here keep that safe:
   PyTorch scripts);
 - `atomic_path` writes to a temporary file next to the target and renames
   it over the target, so that a crash mid-write leaves the previous file
-  whole;
+  whole; the next successful save removes what crashed ones left;
 - `on_writer` runs a write on rank 0 and raises its failure on every rank,
   so no rank goes on while another has failed. It is also a barrier: once
   it returns, every rank sees the file.
@@ -18,6 +18,8 @@ writes. The helpers here keep that safe:
 
 import contextlib
 import os
+import re
+import shutil
 import uuid
 
 import torch.distributed as dist
@@ -114,3 +116,19 @@ def atomic_path(path, suffixes):
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+    remove_stale_partials(directory or ".", rf"\.{re.escape(name)}\.")
+
+
+def remove_stale_partials(directory, prefix_pattern):
+    """Removes what crashed saves of one target left in `directory`: the
+    entries named `<prefix><8 hex digits>.partial...`, files or
+    directories."""
+    pattern = re.compile(prefix_pattern + r"[0-9a-f]{8}\.partial")
+    for entry in os.listdir(directory):
+        if pattern.match(entry):
+            stale = os.path.join(directory, entry)
+            if os.path.isdir(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(stale)

@@ -73,6 +73,7 @@ KERAS_REPLACED = (
         "data_adapters",
     ),
     ("keras.src.utils.io_utils", "print_msg", "io_utils"),
+    ("keras.src.utils.summary_utils", "print_summary", "summary_utils"),
     ("keras.src.saving.saving_lib", "save_model", "saving_lib"),
     ("keras.src.saving.saving_lib", "save_weights_only", "saving_lib"),
     ("keras.src.saving.saving_lib", "load_model", "saving_lib"),

@@ -56,8 +56,8 @@ def save_untrained(directory, mesh):
 
 def save_failing_on_rank_0(path, crash):
     """Saves once, then again with rank 0's file writes failing after two
-    weights (`crash`: the process dies there). Returns the error each rank
-    got."""
+    weights (`crash`: the process dies there; None: nothing fails).
+    Returns the error each rank got."""
     import h5py
 
     _set("1x2")
@@ -76,7 +76,7 @@ def save_failing_on_rank_0(path, crash):
             raise OSError("No space left on device")
         return upstream(self, key, value)
 
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0 and crash is not None:
         h5py.Group.__setitem__ = failing
     try:
         model.save_weights(path)
@@ -240,6 +240,11 @@ class SingleFileCheckpointTest(testing.TestCase):
         with self.assertRaises(multi_process.MultiProcessError):
             run_on_processes(2, save_failing_on_rank_0, path, True, timeout=60)
         self.assertEqual(_digest(path), before)
+        # It left a partial file, which the next successful save removes.
+        names = os.listdir(os.path.dirname(path))
+        self.assertTrue([n for n in names if ".partial" in n], names)
+        run_on_processes(2, save_failing_on_rank_0, path, None)
+        self.assertEqual(os.listdir(os.path.dirname(path)), ["w.weights.h5"])
 
     def test_a_save_on_one_rank_only_fails_instead_of_hanging(self):
         path = os.path.join(tempfile.mkdtemp(), "w.weights.h5")

@@ -4,6 +4,7 @@ the single-process numbers, as global Python floats and NumPy arrays."""
 import contextlib
 import io
 import os
+import warnings
 
 import numpy as np
 from absl.testing import parameterized
@@ -101,7 +102,9 @@ def printed_output(csv_path, print_all_ranks):
     y = np.ones((16, 4), "float32")
     stdout = io.StringIO()
     logger = keras.callbacks.CSVLogger(csv_path)
-    with contextlib.redirect_stdout(stdout):
+    with contextlib.redirect_stdout(stdout), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # Deprecated calls.
+        model.summary()
         model.fit(x, y, batch_size=8, epochs=2, verbose=1, callbacks=[logger])
         model.evaluate(x, y, verbose=1)
         model.predict(x, verbose=1)
@@ -166,6 +169,7 @@ class TrainerTest(testing.TestCase):
         outputs = run_on_processes(2, printed_output, csv_path, False)
         self.assertIn("Epoch 2/2", outputs[0])
         self.assertIn("2/2", outputs[0])
+        self.assertIn("Total params", outputs[0])  # model.summary()
         self.assertEqual(outputs[1], "")
         with open(csv_path) as f:
             self.assertLen(f.read().splitlines(), 3)  # Header, 2 epochs.
@@ -175,6 +179,7 @@ class TrainerTest(testing.TestCase):
         outputs = run_on_processes(2, printed_output, csv_path, True)
         for output in outputs:
             self.assertIn("Epoch 2/2", output)
+            self.assertIn("Total params", output)
 
     def test_callbacks_run_in_the_training_thread(self):
         # Their logs are gathered by collectives, which must keep one order
