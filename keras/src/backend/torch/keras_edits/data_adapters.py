@@ -114,8 +114,9 @@ def _check_input(x, y, sample_weight):
         return
     if not array_data_adapter.can_convert_arrays((x, y, sample_weight)):
         raise ValueError(
-            "On several processes with `auto_shard_dataset=True`, the torch "
-            f"backend accepts {SUPPORTED}. Received: type(x)={type(x)}. "
+            "When using a multi-worker distribution with auto-sharding "
+            f"enabled, the torch backend accepts {SUPPORTED}. Received: "
+            f"type(x)={type(x)}. "
             "Generators and iterators cannot be split automatically: wrap "
             "the data in a keras.utils.PyDataset or a torch DataLoader, "
             "or load it as arrays; or give each process its own part of "

@@ -291,5 +291,11 @@ class ArraySplitTest(testing.TestCase):
 
     def test_inputs_that_cannot_be_split_are_refused_on_every_rank(self):
         for message in run_on_processes(2, refused_generator):
+            # Keras's own words first, as Keras's tests match them.
+            self.assertStartsWith(
+                message,
+                "When using a multi-worker distribution with auto-sharding "
+                "enabled, ",
+            )
             self.assertIn("cannot be split automatically", message)
             self.assertIn("auto_shard_dataset = False", message)

@@ -28,9 +28,12 @@ def _validate_axes(self):
         if name not in allowed
     ]
     if unknown:
+        # Keras's words first: code and tests match them.
         raise ValueError(
-            f"TensorLayout axes {self._axes} name {unknown}, which the "
-            f"device mesh does not have. Allowed axis names: {allowed}."
+            f"Invalid axis names for Layout. Valid axis names: "
+            f"{set(allowed)}, Got {set(unknown)}. TensorLayout axes "
+            f"{self._axes} name {unknown}, which the device mesh does not "
+            "have; an entry is None, one mesh axis name, or a tuple of them."
         )
 
 
@@ -54,9 +57,11 @@ def _layout_map_getitem(self, key):
     ]
     if len(matching_keys) > 1:
         raise ValueError(
-            f"Path '{key}' is matched by {len(matching_keys)} LayoutMap "
-            f"keys: {matching_keys}. A path may match at most one key; "
-            "make the keys more specific."
+            f"Path '{key}' matches multiple layout specification keys: "
+            f"{matching_keys}. Please make sure each tensor/variable path "
+            "only matches at most one layout specification key in the "
+            "LayoutMap. (Keys match the Keras path or its PyTorch "
+            f"spelling, '{TorchPathAdapter.keras_to_torch(key)}'.)"
         )
     if matching_keys:
         record_match(self, matching_keys[0])

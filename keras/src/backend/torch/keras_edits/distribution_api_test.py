@@ -87,7 +87,12 @@ class LayoutMapTest(testing.TestCase):
         layouts = layout_map(
             {".*fc1/kernel": (None, "model"), ".*fc1.weight": ("model", None)}
         )
-        with self.assertRaisesRegex(ValueError, "matched by 2 LayoutMap keys"):
+        # Keras's own words first, as Keras's tests match them.
+        with self.assertRaisesRegex(
+            ValueError,
+            "^Path 'model/encoder/fc1/kernel' matches multiple layout .*"
+            "'model.encoder.fc1.weight'",
+        ):
             layouts["model/encoder/fc1/kernel"]
 
     def test_exact_key_wins(self):
@@ -104,6 +109,7 @@ class LayoutMapTest(testing.TestCase):
         layout = TensorLayout((("batch", "model"), None), mesh)
         self.assertEqual(layout.axes, (("batch", "model"), None))
         with self.assertRaisesRegex(
-            ValueError, r"\['data'\].*\['batch', 'model'\]"
+            ValueError,
+            r"^Invalid axis names for Layout\..*\['data'\].*None, one mesh",
         ):
             TensorLayout(("data", None), mesh)
