@@ -6,14 +6,18 @@ the JAX branch does (and `keras/src/backend/torch/__init__.py` gains
 `from keras.src.backend.torch import distribution_lib`).
 """
 
+import sys
+
+from keras.src.backend.torch import distribution_lib
 from keras.src.backend.torch.keras_edits import internals
+from keras.src.backend.torch.keras_edits import set_attribute
 
 
 def apply(backend_module):
     """Stands for the torch branch of `keras/src/backend/__init__.py`."""
-    from keras.src.backend import torch as torch_backend
-    from keras.src.backend.torch import distribution_lib
-
-    torch_backend.distribution_lib = distribution_lib
-    backend_module.distribution_lib = distribution_lib
+    # Keras's torch package, imported by now (`backend_module.torch` may
+    # be torch itself, which the backend imports first).
+    torch_backend = sys.modules["keras.src.backend.torch"]
+    for owner in (torch_backend, backend_module):
+        set_attribute(owner, "distribution_lib", distribution_lib, __name__)
     internals.warn_if_untested_keras()

@@ -6,6 +6,7 @@ interleave their rows. (The callback needs no collective, so the other
 ranks can skip it.)
 """
 
+from keras.src.backend.torch.distribution import process_group
 from keras.src.backend.torch.keras_edits import edit
 
 WRITING_METHODS = ("on_train_begin", "on_epoch_end", "on_train_end")
@@ -15,9 +16,7 @@ def _on_speaking_rank_only(upstream):
     def method(self, *args, **kwargs):
         """Stands for `CSVLogger.on_train_begin`, `on_epoch_end` and
         `on_train_end`."""
-        from keras.src.backend.torch.keras_edits import io_utils
-
-        if io_utils.this_rank_speaks():
+        if process_group.prints_here():
             return upstream(self, *args, **kwargs)
 
     return method

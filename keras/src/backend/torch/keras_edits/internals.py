@@ -12,10 +12,13 @@ import warnings
 KERAS_CHECKED_VERSIONS = ("3.15.1",)
 TORCH_CHECKED_VERSIONS = ("2.13.0",)
 
-# Keras attributes that a companion module replaces or sets.
+# Keras attributes that a companion module replaces or sets, exactly the
+# changes `keras_edits.edit` and `set_attribute` record (the test compares
+# both ways).
 KERAS_REPLACED = (
     # (module, attribute, companion in keras_edits)
     ("keras.src.backend", "distribution_lib", "backend_init"),
+    ("keras.src.backend.torch", "distribution_lib", "backend_init"),
     ("keras.src.backend.torch.core", "Variable._initialize", "torch_core"),
     ("keras.src.backend.torch.core", "Variable._direct_assign", "torch_core"),
     ("keras.src.backend.torch.core", "Variable.value", "torch_core"),
@@ -73,6 +76,11 @@ KERAS_REPLACED = (
         "data_adapters",
     ),
     ("keras.src.utils.io_utils", "print_msg", "io_utils"),
+    (
+        "keras.src.callbacks.callback_list",
+        "CallbackList._configure_async_dispatch",
+        "callback_list",
+    ),
     ("keras.src.utils.summary_utils", "print_summary", "summary_utils"),
     ("keras.src.saving.saving_lib", "save_model", "saving_lib"),
     ("keras.src.saving.saving_lib", "save_weights_only", "saving_lib"),

@@ -1,9 +1,12 @@
+import importlib
 import importlib.metadata
 import importlib.util
 
 import torch
 
 from keras.src import testing
+from keras.src.backend.torch import distribution_graft
+from keras.src.backend.torch import keras_edits
 from keras.src.backend.torch.keras_edits import internals
 
 
@@ -72,6 +75,14 @@ class InternalsTest(testing.TestCase):
                 self.assertIsNotNone(
                     getattr(value, "upstream", None), attribute
                 )
+
+    def test_registry_is_internals_both_ways(self):
+        # Importing each Keras module with a companion applies it.
+        for keras_module in distribution_graft.COMPANIONS:
+            importlib.import_module(keras_module)
+        self.assertEqual(
+            sorted(keras_edits.REGISTRY), sorted(internals.KERAS_REPLACED)
+        )
 
     def test_supported_range_is_setup_py_range(self):
         self.assertTrue(

@@ -1,19 +1,21 @@
 """Companion of `keras/src/utils/summary_utils.py`.
 
 Upstream, `print_summary` (behind `model.summary()`) prints on rank 0 only,
-like progress bars (see `io_utils`): with no `print_fn` it writes to the
+like progress bars (the `io_utils` companion): with no `print_fn` it writes to the
 console directly, not through `print_msg`. A `print_fn` of the user's own
 is called on every rank, as they wrote it.
 """
 
+from keras.src.backend.torch.distribution import process_group
 from keras.src.backend.torch.keras_edits import edit
-from keras.src.backend.torch.keras_edits import io_utils
 
 
 def _print_summary(upstream):
-    def print_summary(model, line_length=None, positions=None, print_fn=None, **kwargs):
+    def print_summary(
+        model, line_length=None, positions=None, print_fn=None, **kwargs
+    ):
         """Stands for `print_summary`."""
-        if print_fn is None and not io_utils.this_rank_speaks():
+        if print_fn is None and not process_group.prints_here():
             return
         return upstream(model, line_length, positions, print_fn, **kwargs)
 

@@ -5,21 +5,20 @@ query is split (`dtensor_ops.lay_out_attention_mask`) before calling torch's
 attention: DTensor does not redistribute the mask, a keyword argument.
 """
 
+from keras.src import backend
+from keras.src.backend.torch.distribution import dtensor_ops
 from keras.src.backend.torch.keras_edits import edit
 
 
 def _dot_product_attention(upstream):
     def dot_product_attention(query, key, value, bias=None, mask=None, **kw):
         """Stands for `dot_product_attention`."""
-        from keras.src.backend.torch import dtensor_ops
-        from keras.src.backend.torch.core import convert_to_tensor
-
-        query = convert_to_tensor(query)
+        query = backend.convert_to_tensor(query)
         mask, bias = (
             None
             if tensor is None
             else dtensor_ops.lay_out_attention_mask(
-                convert_to_tensor(tensor), query
+                backend.convert_to_tensor(tensor), query
             )
             for tensor in (mask, bias)
         )

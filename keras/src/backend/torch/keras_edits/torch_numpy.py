@@ -9,16 +9,15 @@ Upstream:
   `EinsumDense` run under a column- or row-wise kernel layout.
 """
 
+from keras.src import backend
+from keras.src.backend.torch.distribution import dtensor_ops
 from keras.src.backend.torch.keras_edits import edit
 
 
 def _sharded_lookup(upstream):
     def lookup(x, indices, axis=None):
         """Stands for `take` and `take_along_axis`."""
-        from keras.src.backend.torch import dtensor_ops
-        from keras.src.backend.torch.core import convert_to_tensor
-
-        x, indices = convert_to_tensor(x), convert_to_tensor(indices)
+        x, indices = backend.convert_to_tensor(x), backend.convert_to_tensor(indices)
         return dtensor_ops.sharded_lookup(upstream, x, indices, axis=axis)
 
     return lookup
@@ -27,10 +26,7 @@ def _sharded_lookup(upstream):
 def _megatron_matmul(upstream):
     def matmul(x1, x2):
         """Stands for `matmul`."""
-        from keras.src.backend.torch import dtensor_ops
-        from keras.src.backend.torch.core import convert_to_tensor
-
-        x1, x2 = convert_to_tensor(x1), convert_to_tensor(x2)
+        x1, x2 = backend.convert_to_tensor(x1), backend.convert_to_tensor(x2)
         return dtensor_ops.megatron_contraction(upstream, x1, x2)
 
     return matmul
@@ -39,13 +35,10 @@ def _megatron_matmul(upstream):
 def _megatron_einsum(upstream):
     def einsum(subscripts, *operands, **kwargs):
         """Stands for `einsum`."""
-        from keras.src.backend.torch import dtensor_ops
-        from keras.src.backend.torch.core import convert_to_tensor
-
         def contract(*tensors):
             return upstream(subscripts, *tensors, **kwargs)
 
-        operands = [convert_to_tensor(x) for x in operands]
+        operands = [backend.convert_to_tensor(x) for x in operands]
         return dtensor_ops.megatron_contraction(contract, *operands)
 
     return einsum

@@ -10,7 +10,8 @@ import torch
 
 import keras
 from keras.src import testing
-from keras.src.backend.torch.describe import describe
+from keras.src.backend.torch.distribution import describe
+from keras.src.backend.torch.distribution.torch_modules import wrapped_modules
 from keras.src.testing.multi_process import run_on_processes
 
 
@@ -148,7 +149,7 @@ def fit(layouts_name, mesh_shape):
     keras.distribution.set_distribution(None)
     return (
         history.history["loss"],
-        wrapper.__dict__.get("_parallel_mode"),
+        wrapped_modules.state_of(wrapper).mode,
         placements,
         text,
     )
@@ -158,8 +159,8 @@ def save_and_load(directory):
     """Under parallel styles: loads the one-process file, trains, saves
     both formats, loads each into a fresh model. Returns the weights
     loaded from the one-process file, then trained, then reloaded."""
-    from keras.src.backend.torch.sharded_checkpoint import load_sharded
-    from keras.src.backend.torch.sharded_checkpoint import save_sharded
+    from keras.src.backend.torch.distribution import load_sharded
+    from keras.src.backend.torch.distribution import save_sharded
 
     _set_distribution("styles", (1, 2))
     model = _mlp_model(norm=False)

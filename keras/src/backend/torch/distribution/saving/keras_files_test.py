@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 import keras
 from keras.src import testing
-from keras.src.backend.torch import single_writer
+from keras.src.backend.torch.distribution.saving import single_writer
 from keras.src.testing import checkpoint_models as cm
 from keras.src.testing import multi_process
 from keras.src.testing.multi_process import run_on_processes
@@ -237,8 +237,13 @@ class SingleFileCheckpointTest(testing.TestCase):
         model = cm.model()
         model.load_weights(path)
         # A crash mid-write leaves it byte for byte.
-        with self.assertRaises(multi_process.MultiProcessError):
+        with self.assertRaises(multi_process.MultiProcessError) as raised:
             run_on_processes(2, save_failing_on_rank_0, path, True, timeout=60)
+        # Rank 0 died writing; rank 1 got an error from the writer's
+        # outcome, which it returned.
+        message = str(raised.exception)
+        self.assertIn("failed on 1 of 2 ranks", message)
+        self.assertIn("--- rank 0:\nthe worker process died", message)
         self.assertEqual(_digest(path), before)
         # It left a partial file, which the next successful save removes.
         names = os.listdir(os.path.dirname(path))

@@ -24,15 +24,9 @@ import uuid
 
 import torch.distributed as dist
 
+from keras.src.backend.torch.distribution import process_group
+
 _arrivals = [0]
-
-
-def is_multi_process():
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def is_writer():
-    return not is_multi_process() or dist.get_rank() == 0
 
 
 def all_arrive(what):
@@ -42,17 +36,13 @@ def all_arrive(what):
     Uses the process group's store, never a collective, so that a process
     calling alone fails instead of waiting forever.
     """
-    from torch.distributed.distributed_c10d import _get_default_store
-
-    from keras.src.backend.torch.distribution_lib import collective_timeout
-
     _arrivals[0] += 1
     key = f"keras/arrivals/{_arrivals[0]}"
-    store = _get_default_store()
+    store = dist.distributed_c10d._get_default_store()
     world = dist.get_world_size()
     if store.add(key, 1) == world:
         store.set(key + "/all", "1")
-    timeout = collective_timeout()
+    timeout = process_group.collective_timeout()
     try:
         store.wait([key + "/all"], timeout)
     except Exception as error:  # The store reports a timeout its own way.
@@ -77,18 +67,15 @@ def on_writer(write, what):
         `write()`'s result on rank 0, None on the other ranks.
     """
     result, error = None, None
-    if is_writer():
+    if process_group.is_rank_zero():
         try:
             result = write()
         except Exception as raised:
             error = raised
-    if is_multi_process():
-        message = [None if error is None else f"{type(error).__name__}: "]
-        if error is not None:
-            message[0] += str(error)
-        dist.broadcast_object_list(message, src=0)
-        if error is None and message[0] is not None:
-            raise RuntimeError(f"Rank 0 failed writing {what}: {message[0]}")
+    outcome = None if error is None else f"{type(error).__name__}: {error}"
+    outcome = process_group.agree(outcome)
+    if error is None and outcome is not None:
+        raise RuntimeError(f"Rank 0 failed writing {what}: {outcome}")
     if error is not None:
         raise error
     return result

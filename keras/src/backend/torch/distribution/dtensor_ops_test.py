@@ -12,7 +12,7 @@ from torch.distributed.tensor import Shard
 
 import keras
 from keras.src import testing
-from keras.src.backend.torch import dtensor_ops
+from keras.src.backend.torch.distribution import dtensor_ops
 from keras.src.testing.multi_process import run_on_processes
 
 aten = torch.ops.aten

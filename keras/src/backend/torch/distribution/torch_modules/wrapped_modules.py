@@ -6,7 +6,7 @@ PyTorch names, `encoder.0.weight`, or Keras ones, `encoder/0/weight`):
 
 - **Parallel styles.** When every sharded parameter belongs to an
   `nn.Linear` or `nn.Embedding` whose layout a torch parallel style
-  expresses (`distribution_lib.infer_parallel_style`), the module is
+  expresses (`plans.infer_parallel_style`), the module is
   parallelized with `torch.distributed.tensor.parallel` over that one mesh
   axis: column-wise then row-wise layers communicate once each way, as in
   Megatron. The styles hold their weights on the 1-D mesh of the axis;
@@ -20,6 +20,8 @@ PyTorch names, `encoder.0.weight`, or Keras ones, `encoder/0/weight`):
 - **Replicated.** When no parameter is sharded, nothing changes.
 """
 
+import contextlib
+
 import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Partial
@@ -28,17 +30,130 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import SequenceParallel
 from torch.utils import _pytree
 
+from keras.src import backend
+from keras.src.backend.common.name_scope import current_path
+from keras.src.backend.torch.distribution.layouts import shards
+from keras.src.backend.torch.distribution.torch_modules import plans
+from keras.src.distribution import TensorLayout
+from keras.src.distribution import distribution as current_distribution
+
 STYLES, DTENSOR, REPLICATED = "parallel styles", "DTensor", "replicated"
+STATE_ATTRIBUTE = "_torch_distribution_module"
+
+
+class WrappedModuleState:
+    """What a wrapper keeps, in its `__dict__` (out of Keras's attribute
+    tracking): its mode, its `ParallelStyles` (styles mode) and each
+    parameter's Keras variable, by PyTorch name."""
+
+    def __init__(self, mode, styles, variables):
+        self.mode, self.styles, self.variables = mode, styles, variables
+
+
+def state_of(wrapper):
+    """The wrapper's `WrappedModuleState`, or None before it is built."""
+    return wrapper.__dict__.get(STATE_ATTRIBUTE)
+
+
+def track_module_parameters(wrapper):
+    """`TorchModuleWrapper._track_module_parameters`: each parameter becomes
+    a Keras variable at its PyTorch path under the wrapper (parameter
+    `0.weight` of wrapper `encoder` is `encoder/0/weight`; PyTorch forbids
+    `.` in the keys Keras's torch layers use), laid out as the module's
+    mode says."""
+    with wrapper._open_name_scope():
+        mode = _mode(wrapper)
+        styles = None
+        if mode[0] == STYLES:
+            styles = ParallelStyles(wrapper, current_distribution(), *mode[1:])
+        for name, param in list(wrapper.module.named_parameters()):
+            *scopes, leaf = name.split(".")
+            if styles is not None:
+                initial = styles.initial_value(param)
+            elif mode[0] == DTENSOR:
+                initial = param.detach()  # Laid out as the map says.
+            else:
+                initial = param  # The variable wraps the parameter itself.
+            with contextlib.ExitStack() as stack:
+                for scope in scopes:
+                    stack.enter_context(backend.name_scope(scope))
+                variable = backend.Variable(
+                    initializer=initial,
+                    trainable=param.requires_grad,
+                    name=leaf,
+                )
+            if styles is not None:
+                styles.track(name, variable, param)
+            wrapper._track_variable(variable)
+    if mode[0] == DTENSOR:
+        use_variable_values(wrapper)
+    names = [name for name, _ in wrapper.module.named_parameters()]
+    wrapper.__dict__[STATE_ATTRIBUTE] = WrappedModuleState(
+        mode[0], styles, dict(zip(names, wrapper.variables))
+    )
+    wrapper.built = True
+
+
+def _mode(wrapper):
+    """`(mode, plan, axis)` under the current distribution's LayoutMap;
+    called in the wrapper's name scope, whose path its variables take."""
+    layout_map = getattr(current_distribution(), "_layout_map", None)
+    if layout_map is None:
+        return REPLICATED, {}, None
+    return mode_of(wrapper.module, current_path(), layout_map)
+
+
+def call(wrapper, args, kwargs, training, upstream):
+    """`TorchModuleWrapper.call`: a module parallelized with torch's styles
+    runs on this rank's block of the inputs."""
+    state = state_of(wrapper)
+    if state is None or state.styles is None:
+        return upstream(wrapper, *args, training=training, **kwargs)
+    wrapper.train(training is not False)
+    return state.styles.call(wrapper.module, args, kwargs)
+
+
+def save_own_variables(wrapper, store):
+    """`TorchModuleWrapper.save_own_variables`: the same keys and values,
+    each parameter given as its Keras variable (laid out like it; the same
+    object in every pass of a save across processes) and each buffer as
+    the module's own tensor."""
+    variables = _variables(wrapper)
+    for key, value in wrapper.module.state_dict(keep_vars=True).items():
+        store[key] = variables.get(key, value)
+
+
+def load_own_variables(wrapper, store):
+    """`TorchModuleWrapper.load_own_variables`: parameters are assigned to
+    their variables, each onto its layout; buffers load as upstream; a
+    missing or unexpected key raises, as upstream."""
+    variables = _variables(wrapper)
+    buffers = {}
+    for key in store.keys():
+        key = key.decode() if isinstance(key, bytes) else key
+        if key in variables:
+            variables[key].assign(store[key])
+        else:
+            buffers[key] = backend.convert_to_tensor(store[key])
+    result = wrapper.module.load_state_dict(buffers, strict=False)
+    missing = [k for k in result.missing_keys if k not in variables]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"Loading {wrapper.name}: the module has no state "
+            f"{result.unexpected_keys}; the file has no {missing}."
+        )
+
+
+def _variables(wrapper):
+    state = state_of(wrapper)
+    return {} if state is None else state.variables
 
 
 def mode_of(module, module_path, layout_map):
     """How a wrapped `module` at Keras path `module_path` runs under
     `layout_map` (see the module docstring): `(mode, plan, axis)`, with the
     parallel plan and its mesh axis."""
-    from keras.src.backend.torch import distribution_lib
-    from keras.src.backend.torch.layout_report import shards
-
-    plan, axis = distribution_lib.parallel_plan(module, layout_map, module_path)
+    plan, axis = plans.parallel_plan(module, layout_map, module_path)
     styled = {
         _joined(name, leaf)
         for name in plan
@@ -48,7 +163,7 @@ def mode_of(module, module_path, layout_map):
         name
         for name, _ in module.named_parameters()
         if shards(
-            layout_map[distribution_lib.submodule_path(module_path, name)]
+            layout_map[plans.submodule_path(module_path, name)]
         )
     ]
     if not sharded:
@@ -74,10 +189,6 @@ class ParallelStyles:
     """
 
     def __init__(self, wrapper, distribution, plan, axis):
-        from keras.src.backend.torch.distribution_lib import (
-            apply_parallel_plan,
-        )
-
         self.keras_mesh = distribution.device_mesh
         self.mesh = self.keras_mesh.backend_mesh
         self.axis = axis
@@ -92,7 +203,7 @@ class ParallelStyles:
             self.output_features = last.weight.shape[0]
         elif isinstance(last, torch.nn.Embedding):
             self.output_features = last.weight.shape[1]
-        apply_parallel_plan(wrapper.module, self.mesh[axis], plan)
+        plans.apply_parallel_plan(wrapper.module, self.mesh[axis], plan)
         # Parameter name -> (Keras variable, its placement on the 1-D mesh
         # where a style made it a DTensor, else None).
         self.variables = {}
@@ -118,8 +229,6 @@ class ParallelStyles:
     def track(self, name, variable, parameter):
         """Keeps `variable` for parameter `name` (`parameter`, as the styles
         left it); gives it the layout its optimizer slots follow."""
-        from keras.src.distribution import TensorLayout
-
         axes = [None] * len(variable.shape)
         for mesh_dim, placement in enumerate(variable.value.placements):
             if isinstance(placement, Shard):
@@ -229,10 +338,12 @@ class ParallelStyles:
 def notes(wrapper):
     """`{id(variable): how it is laid out}` for a wrapper's variables, for
     `describe`: the parallel style of its submodule, or plain DTensor."""
-    mode = wrapper.__dict__.get("_parallel_mode")
-    if mode == DTENSOR:
+    state = state_of(wrapper)
+    if state is None:
+        return {}
+    if state.mode == DTENSOR:
         return {id(v): "DTensor, no parallel style" for v in wrapper.variables}
-    styles = wrapper.__dict__.get("_parallel_styles")
+    styles = state.styles
     if styles is None:
         return {}
     found = {}

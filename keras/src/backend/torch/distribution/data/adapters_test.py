@@ -147,6 +147,53 @@ def evaluate_logs(samples, batch_size, distributed):
     return logs
 
 
+def different_data_refused(kind):
+    """Each rank passes its own data (`kind`: "shard", rows of its own;
+    "values", the same shapes with other values; "py_dataset", a PyDataset
+    of another length). Returns the error, and the seconds the check took
+    against those of a short fit of the same data (`kind="same"`)."""
+    import time
+
+    import torch.distributed as dist
+
+    _start("data")
+    model = _model()
+    rank = dist.get_rank()
+    x, y = _arrays(64)
+    if kind == "shard":  # Rank 0 loaded 32 rows, rank 1 the other 24.
+        rows = slice(0, 32) if rank == 0 else slice(32, 56)
+        x, y = x[rows], y[rows]
+    elif kind == "values":
+        x = x + rank
+    data = (x, y)
+    if kind == "py_dataset":
+        data = (models.IdsPyDataset(64 + 8 * rank, 8),)
+    options = {} if kind == "py_dataset" else {"batch_size": 8}
+    started = time.perf_counter()
+    try:
+        model.fit(*data, epochs=2, verbose=0, **options)
+    except ValueError as error:
+        return str(error)
+    finally:
+        keras.distribution.set_distribution(None)
+    return time.perf_counter() - started
+
+
+def check_collectives(samples):
+    """The collectives the data check runs when every rank passed the same
+    `samples` rows, by kind."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from keras.src.backend.torch.distribution.data import consistency
+
+    _start("data")
+    x, y = _arrays(samples)
+    with CommDebugMode() as comm:
+        consistency.check_arrays((x, y, None))
+    keras.distribution.set_distribution(None)
+    return {str(op): n for op, n in comm.get_comm_counts().items()}
+
+
 def refused_generator():
     keras.distribution.set_distribution(keras.distribution.DataParallel())
     model = _model()
@@ -299,3 +346,24 @@ class ArraySplitTest(testing.TestCase):
             )
             self.assertIn("cannot be split automatically", message)
             self.assertIn("auto_shard_dataset = False", message)
+
+    def test_ranks_with_different_data_are_refused_on_every_rank(self):
+        for kind, detail in (
+            ("shard", "shape (32, 3) float32 on rank 0, shape (24, 3)"),
+            ("values", "same shape, different values"),
+            ("py_dataset", "number of batches: 8 on rank 0, 9 on rank 1"),
+        ):
+            for message in run_on_processes(2, different_data_refused, kind):
+                self.assertIsInstance(message, str, kind)
+                self.assertIn("rank(s) [1] differ from rank 0", message)
+                self.assertIn(detail, message)
+                self.assertIn("auto_shard_dataset = False", message)
+                self.assertIn("load the same data", message)
+        for seconds in run_on_processes(2, different_data_refused, "same"):
+            self.assertIsInstance(seconds, float)
+
+    def test_the_data_check_is_one_small_all_reduce(self):
+        # However many rows: 100,000 here. Its time is measured by
+        # `benchmarks/run.py` (data_check_ratio_vs_short_fit).
+        for counts in run_on_processes(2, check_collectives, 100_000):
+            self.assertEqual(counts, {"c10d.allreduce_": 1})

@@ -3,6 +3,7 @@ resumption, a crash keeps the previous checkpoint, and memory that stays
 with the local shards (for `save_sharded` and for `.weights.h5` loads)."""
 
 import os
+import pickle
 import tempfile
 
 import h5py
@@ -12,9 +13,9 @@ import torch.distributed as dist
 
 import keras
 from keras.src import testing
-from keras.src.backend.torch import h5_partial_read
-from keras.src.backend.torch.sharded_checkpoint import load_sharded
-from keras.src.backend.torch.sharded_checkpoint import save_sharded
+from keras.src.backend.torch.distribution.saving import h5_partial_read
+from keras.src.backend.torch.distribution import load_sharded
+from keras.src.backend.torch.distribution import save_sharded
 from keras.src.testing import checkpoint_models as cm
 from keras.src.testing import multi_process
 from keras.src.testing.multi_process import run_on_processes
@@ -118,7 +119,37 @@ def _wide_kernel(h5_file):
     return found[0]
 
 
+class _CreatesAFile:
+    """Unpickled, creates the file at `path`: what a crafted checkpoint
+    could do on every rank that loads it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 class ShardedCheckpointTest(testing.TestCase):
+    def test_a_crafted_checkpoint_runs_nothing(self):
+        directory = tempfile.mkdtemp()
+        path = os.path.join(directory, "checkpoint")
+        model = cm.model()
+        save_sharded(model, path)
+        marker = os.path.join(directory, "created-by-the-checkpoint")
+        with open(os.path.join(path, ".metadata"), "wb") as f:
+            pickle.dump(_CreatesAFile(marker), f)
+        with self.assertRaisesRegex(
+            RuntimeError, r"load_sharded .* failed on rank\(s\) \[0\].*"
+            r"Refusing to load .*\.open, which the metadata"
+        ):
+            load_sharded(cm.model(), path)
+        self.assertFalse(os.path.exists(marker))
+        # The same file, loaded as torch's own reader loads it, runs code.
+        with open(os.path.join(path, ".metadata"), "rb") as f:
+            pickle.load(f).close()
+        self.assertTrue(os.path.exists(marker))
+
     def test_saved_on_2x2_loads_on_1x2_and_on_one_process(self):
         path = os.path.join(tempfile.mkdtemp(), "checkpoint")
         saved = run_on_processes(4, fit_and_save, path, "2x2", 1)[0][0]
@@ -148,8 +179,13 @@ class ShardedCheckpointTest(testing.TestCase):
     def test_a_crash_mid_save_keeps_the_previous_checkpoint(self):
         path = os.path.join(tempfile.mkdtemp(), "checkpoint")
         saved = run_on_processes(2, fit_and_save, path, "1x2", 1)[0][0]
-        with self.assertRaises(multi_process.MultiProcessError):
+        with self.assertRaises(multi_process.MultiProcessError) as raised:
             run_on_processes(2, save_crashing_on_rank_1, path, timeout=60)
+        # Rank 1 died in the save; rank 0 learned it from the collective
+        # it was in with rank 1.
+        message = str(raised.exception)
+        self.assertIn("--- rank 1:\nthe worker process died", message)
+        self.assertRegex(message, "Connection (reset|closed) by peer")
         state, _ = load(path, None)
         cm.assert_states_equal(state, saved)
         # It left a partial directory, which the next save removes.

@@ -10,7 +10,8 @@ prints the same on every rank.
 From the command line, on a model built by a function of yours (which
 sets the distribution and returns the built model):
 
-    KERAS_BACKEND=torch python -m keras.src.backend.torch.describe \
+    KERAS_BACKEND=torch python -m \
+        keras.src.backend.torch.distribution.diagnostics.describe \
         my_script.py:build_model --processes 8
 
 `--processes N` simulates N processes in this one with torch's fake
@@ -25,8 +26,15 @@ import os
 import sys
 
 import numpy as np
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Shard
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from keras.src.backend.torch.distribution import layout_maps
+from keras.src.backend.torch.distribution import process_group
+from keras.src.backend.torch.distribution.torch_modules import wrapped_modules
+from keras.src.distribution import distribution as current_distribution
 
 
 def describe(model, distribution=None):
@@ -39,9 +47,7 @@ def describe(model, distribution=None):
     Returns:
         The description, a string of aligned lines.
     """
-    from keras.src.distribution import distribution as current
-
-    distribution = distribution or current()
+    distribution = distribution or current_distribution()
     layout_map = getattr(distribution, "_layout_map", None)
     notes = _torch_module_notes(model)
     rows = [("variable", "global shape", "layout", "local shape", "key")]
@@ -58,21 +64,18 @@ def describe(model, distribution=None):
 
 def _torch_module_notes(model):
     """How the variables of wrapped PyTorch modules are laid out."""
-    from keras.src.backend.torch import torch_module_parallel
-
     notes = {}
     for layer in model._flatten_layers():
-        notes.update(torch_module_parallel.notes(layer))
+        notes.update(wrapped_modules.notes(layer))
     return notes
 
 
 def _row(variable, layout_map):
-    from keras.src.backend.torch.layout_report import matching_key
-
     value = variable.value
-    key = (
-        None if layout_map is None else matching_key(layout_map, variable.path)
-    )
+    keys = []
+    if layout_map is not None:
+        keys = layout_maps.matching_keys(layout_map, variable.path)
+    key = keys[0] if keys else None
     local = (
         value.to_local().shape if isinstance(value, DTensor) else value.shape
     )
@@ -192,9 +195,6 @@ def _load_function(target):
 
 
 def _start_fake_processes(processes):
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     dist.init_process_group(
         "fake", store=FakeStore(), rank=0, world_size=processes
     )
@@ -202,7 +202,8 @@ def _start_fake_processes(processes):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m keras.src.backend.torch.describe",
+        prog="python -m keras.src.backend.torch.distribution.diagnostics."
+        "describe",
         description="Describes how a distribution lays out a model.",
     )
     parser.add_argument(
@@ -219,9 +220,7 @@ def main(argv=None):
     if args.processes:
         _start_fake_processes(args.processes)
     model = _load_function(args.target)()
-    from keras.src.backend.torch import single_writer
-
-    if args.processes or single_writer.is_writer():
+    if args.processes or process_group.is_rank_zero():
         print(describe(model))
 
 

@@ -18,35 +18,9 @@ rank (the check is the same on each).
 import math
 import warnings
 
-from keras.src.backend.torch.distribution_lib import TorchPathAdapter
-
-
-def matching_key(layout_map, path):
-    """The key of `layout_map` that selects the variable at `path`, or
-    None; exact keys win over patterns, as in `LayoutMap.__getitem__`."""
-    if path in layout_map._layout_map:
-        return path
-    for key in layout_map._layout_map:
-        if TorchPathAdapter.matches(key, path):
-            return key
-    return None
-
-
-def record_match(layout_map, key):
-    """Notes that `key` selected a variable or tensor (called by the
-    `LayoutMap.__getitem__` edit)."""
-    layout_map.__dict__.setdefault("_matched_keys", set()).add(key)
-
-
-def unmatched_keys(layout_map):
-    """Keys that have selected nothing since the map was made."""
-    matched = layout_map.__dict__.get("_matched_keys", set())
-    return [key for key in layout_map._layout_map if key not in matched]
-
-
-def shards(layout):
-    """Whether `layout` (a `TensorLayout` or None) splits any dim."""
-    return layout is not None and any(a is not None for a in layout.axes)
+from keras.src.backend.torch.distribution import layout_maps
+from keras.src.backend.torch.distribution import process_group
+from keras.src.backend.torch.distribution.layouts import shards
 
 
 def is_sharded(variable):
@@ -76,7 +50,7 @@ def _size(variable):
 def report(model, layout_map):
     """The warning text for `model` under `layout_map`, or None when all
     is well."""
-    keys = unmatched_keys(layout_map)
+    keys = layout_maps.unmatched_keys(layout_map)
     missed = unsharded_large_variables(model.weights)
     if not keys and not missed:
         return None
@@ -97,19 +71,16 @@ def report(model, layout_map):
     return " ".join(lines)
 
 
-def check_once(model, distribution):
-    """Reports `model`'s layout problems the first time it is called for
-    `model` under a `ModelParallel` distribution."""
+def check(model, distribution):
+    """Reports `model`'s layout problems under a `ModelParallel`
+    distribution (called once per model, after its first step)."""
     layout_map = getattr(distribution, "_layout_map", None)
-    if layout_map is None or model.__dict__.get("_layout_map_checked"):
+    if layout_map is None:
         return
-    model.__dict__["_layout_map_checked"] = True
     message = report(model, layout_map)
     if message is None:
         return
     if getattr(layout_map, "strict", False):
         raise ValueError(message)
-    from keras.src.backend.torch import single_writer
-
-    if single_writer.is_writer():
+    if process_group.is_rank_zero():
         warnings.warn(message, stacklevel=2)

@@ -13,7 +13,7 @@ metrics mix samples of different ranks. So a data-parallel step runs:
   backward keeps this rank's rows), so that the loss and the metrics are
   computed by Keras's own code on the global batch, exactly as on one
   device, whatever the loss reduction, sample weights or metric. Outputs
-  too large to gather (more than `GATHER_BYTES`, such as a language
+  too large to gather (more than `forward.GATHER_BYTES`, such as a language
   model's logits) come back instead as DTensors sharded over the batch,
   and DTensor computes the loss from the shards;
 - the gradient all-reduce bucketed and overlapped with backward
@@ -33,9 +33,6 @@ decides alike, as every rank sees the same values.
 """
 
 import contextlib
-import functools
-import math
-import threading
 
 import torch
 import torch.distributed as dist
@@ -43,26 +40,16 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
 
-from keras.src.backend.torch import gradient_buckets
-
-# Outputs of at most this many bytes per step are gathered (see above).
-GATHER_BYTES = 4 * 1024 * 1024
-
-_state = threading.local()
-
-
-def replica_of(variable):
-    """The local replica `variable` reads as in this thread, or None."""
-    replicas = getattr(_state, "replicas", None)
-    if replicas is None:
-        return None
-    return replicas.get(id(variable))
+from keras.src import tree
+from keras.src.backend.torch import distribution_lib
+from keras.src.backend.torch.distribution import variables
+from keras.src.backend.torch.distribution.steps import forward
+from keras.src.backend.torch.distribution.steps import gradient_buckets
+from keras.src.distribution import DataParallel
 
 
 def eligible(distribution):
     """Whether steps under `distribution` may run on local replicas."""
-    from keras.src.distribution import DataParallel
-
     return (
         isinstance(distribution, DataParallel)
         and distribution.device_mesh.devices.size > 1
@@ -76,16 +63,18 @@ class LocalReplicas:
     Args:
         model: a built Keras model whose variables are replicated DTensors
             (or plain tensors, created before the distribution was set).
+        state: the model's `route.StepState`.
         mesh: the distribution's torch `DeviceMesh`.
         batch_axis: the mesh dim name the batch is sharded over.
         previous: the `LocalReplicas` this one replaces, whose verdict on
             the exact route it keeps.
     """
 
-    def __init__(self, model, mesh, batch_axis, previous=None):
+    def __init__(self, model, state, mesh, batch_axis, previous=None):
         if previous is not None:
             previous.remove()
         self.model = model
+        self.state = state
         self.mesh = mesh
         self.batch_axis = batch_axis
         self.valid = True
@@ -122,20 +111,19 @@ class LocalReplicas:
         rows and returns global outputs."""
         for replica in self.replicas.values():
             replica.grad = None
-        _state.replicas = self.replicas
         self.model.__dict__["call"] = self._local_call
-        self.buckets.enabled = True
+        self.buckets.start_step()
         try:
-            yield
+            with variables.reading_replicas(self.replicas):
+                yield
         finally:
             self.buckets.enabled = False
-            _state.replicas = None
             self.model.__dict__.pop("call", None)
 
     def _local_call(self, *args, **kwargs):
-        from keras.src import tree
-
-        tensors = [t for t in tree.flatten((args, kwargs)) if _is_batch(t)]
+        tensors = [
+            t for t in tree.flatten((args, kwargs)) if forward.is_batch(t)
+        ]
         if not tensors:  # Nothing to split: every rank computes the same.
             return self._forward(*args, **kwargs)
         global_rows = tensors[0].shape[0]
@@ -150,7 +138,7 @@ class LocalReplicas:
         size, offset = self.rows[self.rank]
 
         def own_rows(value):
-            if not _is_batch(value):
+            if not forward.is_batch(value):
                 return value
             if isinstance(value, DTensor):  # Laid out already: its block.
                 return value.to_local()
@@ -164,19 +152,21 @@ class LocalReplicas:
         args, kwargs = tree.map_structure(own_rows, (args, kwargs))
         outputs = self._forward(*args, **kwargs)
         # Decided from global sizes, so that every rank decides alike.
-        gather = _global_bytes(outputs, global_rows) <= GATHER_BYTES
+        gather = (
+            forward.global_bytes(outputs, global_rows) <= forward.GATHER_BYTES
+        )
         return tree.map_structure(
             self._gathered if gather else self._batch_sharded, outputs
         )
 
     def _forward(self, *args, **kwargs):
-        return _forward_of(self.model)(*args, **kwargs)
+        return forward.forward_of(self.model, self.state)(*args, **kwargs)
 
     def _gathered(self, output):
-        return _with_mask(output, self._gather, self._check_rows)
+        return forward.with_mask(output, self._gather, self._check_rows)
 
     def _batch_sharded(self, output):
-        return _with_mask(output, self._as_dtensor, self._check_rows)
+        return forward.with_mask(output, self._as_dtensor, self._check_rows)
 
     def _check_rows(self, local):
         rows = self.rows[self.rank][0]
@@ -192,8 +182,6 @@ class LocalReplicas:
         return _GatherRows.apply(local, self.rows, self.rank, group)
 
     def _as_dtensor(self, local):
-        from keras.src.backend.torch import distribution_lib
-
         dim = self.mesh.mesh_dim_names.index(self.batch_axis)
         placements = [Replicate()] * self.mesh.ndim
         placements[dim] = Shard(0)
@@ -211,7 +199,7 @@ class LocalReplicas:
 
     def before_exact_step(self):
         self.state_before = [
-            _local(v.value).clone() for v in _forward_state(self.model)
+            forward.local(v.value).clone() for v in _forward_state(self.model)
         ]
 
     def after_exact_step(self, kind):
@@ -220,7 +208,7 @@ class LocalReplicas:
         if self.state_before is None:
             return
         changed = any(
-            not torch.equal(before, _local(v.value))
+            not torch.equal(before, forward.local(v.value))
             for before, v in zip(self.state_before, _forward_state(self.model))
         )
         self.state_before = None
@@ -256,118 +244,6 @@ def _replica(variable):
         )
     return torch.nn.Parameter(
         value._local_tensor, requires_grad=value.requires_grad
-    )
-
-
-def _forward_of(model, compiled=True):
-    """The model's own `call`, compiled when the model asks for
-    `jit_compile` and `compiled` allows (the trainer then compiles no step
-    whole, see `torch_trainer`). Compiled once per model and kept."""
-    if not (model.jit_compile and compiled):
-        return functools.partial(type(model).call, model)
-    forward = model.__dict__.get("_compiled_forward")
-    if forward is None:
-        forward = torch.compile(functools.partial(type(model).call, model))
-        model.__dict__["_compiled_forward"] = forward
-    return forward
-
-
-@contextlib.contextmanager
-def replicated_outputs(model, batch_axis):
-    """The DTensor route's counterpart of gathering outputs: `model`'s
-    outputs come back replicated over `batch_axis` (unless larger than
-    `GATHER_BYTES`), so that the loss and the metrics, computed from them
-    and from the replicated targets, need no collective of their own."""
-
-    # torch 2.13's compiler fails on Keras layers over DTensor variables
-    # (RecursionError while tracing), so this route runs eagerly.
-    forward = _forward_of(model, compiled=False)
-
-    def call(*args, **kwargs):
-        from keras.src import tree
-
-        outputs = forward(*args, **kwargs)
-        if _bytes(outputs) > GATHER_BYTES:
-            return outputs
-
-        def replicate(output):
-            return _replicated_over(output, batch_axis)
-
-        return tree.map_structure(
-            lambda output: _with_mask(output, replicate), outputs
-        )
-
-    model.__dict__["call"] = call
-    try:
-        yield
-    finally:
-        model.__dict__.pop("call", None)
-
-
-def _replicated_over(tensor, axis):
-    if not isinstance(tensor, DTensor):
-        return tensor
-    mesh = tensor.device_mesh
-    dim = mesh.mesh_dim_names.index(axis)
-    if tensor.placements[dim].is_replicate():
-        return tensor
-    placements = list(tensor.placements)
-    placements[dim] = Replicate()
-    if mesh.size(dim) > 1 or not tensor.placements[dim].is_shard():
-        return tensor.redistribute(mesh, placements)
-    # One rank along `axis`: its shard is the whole; relabel, no collective.
-    return DTensor.from_local(
-        tensor.to_local(),
-        mesh,
-        placements,
-        run_check=False,
-        shape=tensor.shape,
-        stride=tensor.stride(),
-    )
-
-
-def _with_mask(output, convert, check=None):
-    """`convert(output)`, carrying over its Keras mask, converted too."""
-    if not _is_batch(output):
-        return output
-    from keras.src.backend.common.masking import get_keras_mask
-    from keras.src.backend.common.masking import set_keras_mask
-
-    if check is not None:
-        check(output)
-    mask = get_keras_mask(output)
-    result = convert(output)
-    if mask is not None:
-        set_keras_mask(result, convert(mask))
-    return result
-
-
-def _local(tensor):
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _is_batch(value):
-    return isinstance(value, torch.Tensor) and value.ndim > 0
-
-
-def _global_bytes(outputs, global_rows):
-    """The bytes of batch-major local `outputs` over the global batch."""
-    from keras.src import tree
-
-    return sum(
-        t.element_size() * math.prod(t.shape[1:]) * global_rows
-        for t in tree.flatten(outputs)
-        if isinstance(t, torch.Tensor)
-    )
-
-
-def _bytes(structure):
-    from keras.src import tree
-
-    return sum(
-        t.numel() * t.element_size()
-        for t in tree.flatten(structure)
-        if isinstance(t, torch.Tensor)
     )
 
 

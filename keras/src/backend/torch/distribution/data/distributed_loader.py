@@ -20,11 +20,13 @@ The user's dataset, `collate_fn`, `num_workers`, `pin_memory` and worker
 settings are kept. Each batch comes back as a `LocalBlock`: the user's
 batch (a tuple, as Keras unpacks it) that also knows the size of the global
 batch it is a block of, which the trainer needs to put the global batch
-back together (see `torch_trainer`).
+back together (see `steps/dtensor_route.py`).
 """
 
 import torch
 from torch.distributed.tensor import Shard
+
+from keras.src import tree
 
 
 class GlobalBatchBlocks(torch.utils.data.Sampler):
@@ -122,8 +124,6 @@ class _CollateBlock:
         self.collate_fn = collate_fn
 
     def __call__(self, items):
-        from keras.src import tree
-
         batch = self.collate_fn([sample for sample, _, _ in items])
         keep, global_rows = items[0][1], items[0][2]
         if not keep:

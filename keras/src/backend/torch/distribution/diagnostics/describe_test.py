@@ -7,7 +7,7 @@ import sys
 
 import keras
 from keras.src import testing
-from keras.src.backend.torch.describe import describe
+from keras.src.backend.torch.distribution import describe
 from keras.src.testing.multi_process import run_on_processes
 
 
@@ -72,7 +72,7 @@ class DescribeTest(testing.TestCase):
             [
                 sys.executable,
                 "-m",
-                "keras.src.backend.torch.describe",
+                "keras.src.backend.torch.distribution.diagnostics.describe",
                 f"{__name__}:build_model",
                 "--processes",
                 "4",

@@ -12,6 +12,12 @@ on the others. Here every replica runs every step, some on zero rows.
 TensorFlow reads every element on every process either way.
 """
 
+from keras.src import backend
+from keras.src import tree
+from keras.src.backend.torch.distribution.data.distributed_loader import (
+    LocalBlock,
+)
+
 
 def split_tf_dataset(dataset, replica, replicas):
     """`dataset`'s global batches as this replica's blocks.
@@ -25,10 +31,12 @@ def split_tf_dataset(dataset, replica, replicas):
         An iterable of `distributed_loader.LocalBlock` batches of torch
         tensors.
     """
+    # Imported here: TensorFlow is optional, needed for tf.data input only.
     from tensorflow.python.data.experimental.ops import distribute
 
     from keras.src.utils.module_utils import tensorflow as tf
 
+    hide_gpus_from(tf)
     # -1 when no `batch` sets the batch size, as Keras checks it.
     if int(distribute.compute_batch_size(dataset)) < 0:
         raise ValueError(
@@ -49,6 +57,16 @@ def split_tf_dataset(dataset, replica, replicas):
     return _LocalBlocks(blocks)
 
 
+def hide_gpus_from(tf):
+    """Keeps TensorFlow, here only to read the data, off the GPUs: it would
+    otherwise reserve most of their memory. Possible only before
+    TensorFlow has used a GPU; after, it is left as it is."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow initialized its GPUs already.
+        pass
+
+
 class _LocalBlocks:
     """Iterates `(block, rows)` pairs of a dataset as `LocalBlock`s."""
 
@@ -56,12 +74,8 @@ class _LocalBlocks:
         self.blocks = blocks
 
     def __iter__(self):
-        from keras.src import tree
-        from keras.src.backend.torch.core import convert_to_tensor
-        from keras.src.backend.torch.distributed_loader import LocalBlock
-
         for block, rows in self.blocks:
             block = tree.map_structure(
-                convert_to_tensor, block, none_is_leaf=False
+                backend.convert_to_tensor, block, none_is_leaf=False
             )
             yield LocalBlock(block, int(rows))

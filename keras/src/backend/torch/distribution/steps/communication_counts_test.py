@@ -51,7 +51,7 @@ def _torch_module(arrangement, layout_map):
 
 
 def _sequence_parallel_block(layout_map):
-    from keras.src.backend.torch.torch_module_parallel_test import (
+    from keras.src.backend.torch.distribution.torch_modules.wrapped_modules_test import (
         SEQUENCE_LAYOUTS,
         sequence_block,
     )

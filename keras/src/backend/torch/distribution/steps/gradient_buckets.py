@@ -68,6 +68,18 @@ class GradientBuckets:
             handle.remove()
         self.handles = []
 
+    def start_step(self):
+        """Turns the hooks on for a step. A step whose backward was cut
+        short (an exception in the loss or a hook, a caught CUDA
+        out-of-memory error) may have launched some buckets: they are
+        waited for and dropped, so that this step's collectives start
+        from the first bucket on every rank."""
+        for work, _, _ in self.launched:
+            if work is not None:
+                work.wait()
+        self._reset()
+        self.enabled = True
+
     def _reset(self):
         self.ready = [0] * len(self.buckets)
         self.launched = []  # (work, flat buffer, weights) per bucket.

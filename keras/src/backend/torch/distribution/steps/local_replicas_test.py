@@ -9,7 +9,8 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 import keras
 from keras.src import testing
-from keras.src.backend.torch import local_replicas
+from keras.src.backend.torch.distribution.steps import forward
+from keras.src.backend.torch.distribution.steps import route
 from keras.src.testing import distribution_test_models as models
 from keras.src.testing.multi_process import run_on_processes
 
@@ -36,11 +37,11 @@ def _fit(
     if evaluate_first:  # A probe of inference steps says nothing of
         model.evaluate(x, y, batch_size=8, verbose=0)  # training steps.
     history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
-    replicas = getattr(model, "_local_replicas", None)
-    route = replicas.verdicts.get("train") if replicas else None
+    replicas = route.state_of(model).replicas
+    verdict = replicas.verdicts.get("train") if replicas else None
     predictions = model.predict(x, batch_size=8, verbose=0)
     keras.distribution.set_distribution(None)
-    return history.history["loss"], predictions, route
+    return history.history["loss"], predictions, verdict
 
 
 def route_and_numbers(model_name, jit_compile=False, evaluate_first=False):
@@ -70,7 +71,7 @@ def _fit_classifier(layers, data_parallel):
     x, y = models.data("mlp", samples=30)
     history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
     keras.distribution.set_distribution(None)
-    return history.history["loss"], getattr(model, "_local_replicas", None)
+    return history.history["loss"], route.state_of(model).replicas
 
 
 def _wrapped_torch_module():
@@ -136,13 +137,13 @@ def masked_model_numbers(data_parallel):
 
 
 def collectives_per_step(metric_count, gather_bytes=None):
-    previous = local_replicas.GATHER_BYTES
+    previous = forward.GATHER_BYTES
     if gather_bytes is not None:
-        local_replicas.GATHER_BYTES = gather_bytes
+        forward.GATHER_BYTES = gather_bytes
     try:
         return _collectives_per_step(metric_count)
     finally:
-        local_replicas.GATHER_BYTES = previous
+        forward.GATHER_BYTES = previous
 
 
 def _collectives_per_step(metric_count):

@@ -10,7 +10,7 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.debug import CommDebugMode
 
 from keras.src import testing
-from keras.src.backend.torch import gradient_buckets
+from keras.src.backend.torch.distribution.steps import gradient_buckets
 from keras.src.testing.multi_process import run_on_processes
 
 

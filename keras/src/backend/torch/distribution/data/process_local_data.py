@@ -14,19 +14,22 @@ global batch (equal blocks, for instance) become the global batch with no
 copy; other sizes are gathered whole first.
 """
 
-import torch
-import torch.distributed as dist
 from torch.distributed.tensor import Shard
 
-from keras.src.backend.torch.distributed_loader import LocalBlock
-from keras.src.backend.torch.local_replicas import gather_rows
+from keras.src import tree
+from keras.src.backend.torch.distribution import process_group
+from keras.src.backend.torch.distribution.data.distributed_loader import (
+    LocalBlock,
+)
+from keras.src.backend.torch.distribution.steps.local_replicas import (
+    gather_rows,
+)
 
 
 def check_same_batch_count(num_batches):
     """Raises on every rank unless every rank has `num_batches` batches
     (`None`: unknown, for every rank)."""
-    counts = [None] * dist.get_world_size()
-    dist.all_gather_object(counts, num_batches)
+    counts = process_group.gather(num_batches)
     if len(set(counts)) > 1:
         raise ValueError(
             "With `auto_shard_dataset=False`, every process must pass the "
@@ -76,24 +79,22 @@ class ProcessLocalBatches:
         ]
         if rows == chunked:
             return LocalBlock(batch, total)
-        from keras.src import tree
-
         group = self.mesh.get_group(self.axis)
-        return tree.map_structure(
-            lambda t: gather_rows(t, rows, group), batch, none_is_leaf=False
-        )
+
+        def gathered(tensor):
+            # On the mesh's device: an NCCL group takes no CPU tensors.
+            tensor = tensor.to(self.mesh.device_type)
+            return gather_rows(tensor, rows, group)
+
+        return tree.map_structure(gathered, batch, none_is_leaf=False)
 
 
 def _rows_by_replica(batch, mesh, axis):
     """Each replica's block size (-1: out of data), or `None` when every
     rank is out of data. Raises if ranks of one replica disagree."""
-    from keras.src import tree
-
     rows = -1 if batch is None else int(tree.flatten(batch)[0].shape[0])
     replica = mesh.get_local_rank(axis)
-    pairs = torch.tensor([replica, rows], device=mesh.device_type)
-    gathered = [torch.empty_like(pairs) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, pairs)
+    gathered = process_group.gather((replica, rows))
     if all(int(rows) < 0 for _, rows in gathered):
         return None
     by_replica = {}

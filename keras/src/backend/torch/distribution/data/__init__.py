@@ -1,0 +1,1 @@
+"""Every input Keras takes, split across processes (`adapters`)."""

@@ -1,0 +1,156 @@
+"""Keras's own files (`.keras`, `.weights.h5`) saved once from N processes.
+
+Every process calls `model.save`, `save_weights`, `load_model` and
+`load_weights`, as on JAX, and the files are those one process would
+write. A save runs in three passes:
+
+1. Every rank walks the model as the save will, gathering each value it
+   writes (`convert_to_numpy`; the only collectives), and writes nothing.
+2. Rank 0 runs Keras's own save, fed the gathered values, into a
+   temporary file next to the target, which it then renames over the
+   target (`single_writer.atomic_path`; remote paths, directories and
+   sharded `.weights.json` files are written in place).
+3. Every rank learns how rank 0 fared, and raises if it failed.
+
+A write error can therefore never leave ranks in different collectives.
+Loading reads the file on every rank (a path all processes see) and
+raises on every rank when one failed. On several processes, a large
+weight is handed to its variable unread (`h5_partial_read`), so that a
+sharded variable reads only its block.
+"""
+
+import io
+
+from keras.src import backend
+from keras.src.backend.torch.distribution import process_group
+from keras.src.backend.torch.distribution import variables
+from keras.src.backend.torch.distribution.saving import h5_partial_read
+from keras.src.backend.torch.distribution.saving import single_writer
+from keras.src.saving import saving_lib
+from keras.src.utils import file_utils
+
+ATOMIC_SUFFIXES = (".keras", ".weights.h5")
+
+
+class WalkingStore(saving_lib.H5IOStore):
+    """A weights store that hands each value written to it to
+    `visit(name, value)` and keeps nothing; `name` is the value's path in
+    a `.weights.h5` file ("layers/dense/vars/0").
+
+    It subclasses `H5IOStore` only to pass `_save_state`'s type check; it
+    opens no file.
+    """
+
+    def __init__(self, visit):
+        self.visit = visit
+
+    def __bool__(self):
+        return True
+
+    def make(self, path, metadata=None):
+        return _WalkingGroup(path, self.visit)
+
+    def close(self):
+        pass
+
+
+class _WalkingGroup:
+    def __init__(self, path, visit):
+        self.path, self.visit = path, visit
+
+    def __setitem__(self, key, value):
+        self.visit("/".join(p for p in (self.path, "vars", key) if p), value)
+
+
+def walk_saved_values(model, visit, objects_to_skip=None):
+    """Calls `visit(name, value)` for every value a save of `model` writes,
+    in the order Keras writes them, named by their path in the file.
+
+    Args:
+        model: a Keras model (or any `KerasSaveable`).
+        visit: a function of a name and a value (usually a variable).
+        objects_to_skip: saveables whose state is left out, as in
+            `save_weights_only`.
+    """
+    saving_lib._save_state(
+        model,
+        weights_store=WalkingStore(visit),
+        assets_store=None,
+        inner_path="",
+        visited_saveables={id(o) for o in objects_to_skip or ()},
+    )
+
+
+def gather_saved_values(model, objects_to_skip=None):
+    """Pass 1: every value a save of `model` converts, gathered by every
+    rank; recorded on rank 0 as `{id(object): (object, array)}`."""
+    values = {} if process_group.is_rank_zero() else None
+    with variables.gathered_ahead(values, record=True):
+        walk_saved_values(
+            model,
+            lambda name, value: backend.convert_to_numpy(value),
+            objects_to_skip,
+        )
+    return values
+
+
+def save_once(save, model, filepath, what, objects_to_skip=None):
+    """`save(target)`, for a save of `model` to `filepath`, as one process
+    would: passes 1 to 3 (see the module docstring) on several processes,
+    `save(filepath)` on one."""
+    if not process_group.is_multi_process():
+        return save(filepath)
+    single_writer.all_arrive(what)
+    values = gather_saved_values(model, objects_to_skip)
+
+    def write():
+        with variables.gathered_ahead(values, record=False):
+            if not _is_local_file(filepath):
+                return save(filepath)
+            with single_writer.atomic_path(filepath, ATOMIC_SUFFIXES) as target:
+                return save(target)
+
+    return single_writer.on_writer(write, f"{filepath!r}")
+
+
+def load_everywhere(load, what):
+    """`load()` on every rank; if it raised on any, it raises on all."""
+    if not process_group.is_multi_process():
+        return load()
+    result, error = None, None
+    try:
+        result = load()
+    except Exception as raised:
+        error = raised
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    outcomes = process_group.gather(mine)
+    failed = {rank: o for rank, o in enumerate(outcomes) if o is not None}
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"{what} failed on other ranks: {failed}")
+    return result
+
+
+def stored_weight(store, key, read):
+    """What a weights store returns for `key`: on several processes a large
+    weight comes unread, for a sharded variable to read its block of;
+    `read(store, key)` (Keras's own read) otherwise."""
+    if not process_group.is_multi_process():
+        return read(store, key)
+    dataset = saving_lib.safe_get_h5_dataset(store._h5_entry_group, key)
+    if (
+        dataset.nbytes < h5_partial_read.MIN_BYTES
+        or "dtype" in dataset.attrs  # bfloat16, converted upstream.
+    ):
+        return read(store, key)
+    return h5_partial_read.PartialRead(dataset)
+
+
+def _is_local_file(filepath):
+    if isinstance(filepath, io.IOBase):
+        return False
+    path = str(filepath)
+    return path.endswith(ATOMIC_SUFFIXES) and not file_utils.is_remote_path(
+        path
+    )

@@ -1,0 +1,158 @@
+"""Which route a training, evaluation or prediction step takes.
+
+Under a distribution, every step of `fit`, `evaluate` and `predict` runs
+through `distributed_step`, on one of two routes:
+
+    step(data) ──> global batches (a split loader's blocks put together)
+        │
+        ├─ DataParallel, model replicated ─> local_replicas: plain tensors,
+        │     this rank's rows, outputs gathered, DDP's gradient buckets
+        │     (the first train and first test step take the DTensor route
+        │      once, to find out whether the model may: see `StepState`)
+        │
+        └─ otherwise ─────────────────────> dtensor_route: DTensors end to
+              end, outputs replicated over the batch axis, gradients laid
+              out like their weights when backward ends
+
+Either way Keras's own loss and metrics run on global outputs and targets,
+so logs and predictions are global values, equal on every rank. After a
+model's first step the layout report runs once (`diagnostics`).
+
+Everything a distribution keeps per model lives in one `StepState`, in
+the model's `__dict__` (out of Keras's attribute tracking).
+"""
+
+import warnings
+
+from torch.distributed.tensor import DTensor
+
+from keras.src.backend.common import global_state
+from keras.src.backend.torch.distribution import dtensor_ops
+from keras.src.backend.torch.distribution.diagnostics import layout_report
+from keras.src.backend.torch.distribution.steps import dtensor_route
+from keras.src.backend.torch.distribution.steps import gradient_buckets
+from keras.src.backend.torch.distribution.steps import local_replicas
+
+STATE_ATTRIBUTE = "_torch_distribution_steps"
+
+
+class StepState:
+    """What the distributed steps of one model keep between steps.
+
+    Attributes:
+        replicas: the model's `LocalReplicas`, or None.
+        gradient_hooks: handles of the DTensor route's gradient relayout.
+        compiled_forward: the model's compiled `call` (`jit_compile`).
+        warned_eager: whether the "runs eagerly" warning was given.
+        layout_checked: whether the layout report ran.
+    """
+
+    def __init__(self):
+        self.replicas = None
+        self.gradient_hooks = []
+        self.compiled_forward = None
+        self.warned_eager = False
+        self.layout_checked = False
+
+
+def state_of(model):
+    """`model`'s `StepState`, made at the first call."""
+    state = model.__dict__.get(STATE_ATTRIBUTE)
+    if state is None:
+        state = model.__dict__[STATE_ATTRIBUTE] = StepState()
+    return state
+
+
+def current_distribution():
+    return global_state.get_global_attribute("distribution")
+
+
+def distributed_step(step_function, model, kind):
+    """Wraps Keras's `kind` step function ("train", "test", "predict") so
+    that it runs on distributed data, by the route that fits."""
+
+    def step(data):
+        distribution = current_distribution()
+        if distribution is None:
+            return step_function(data)
+        state = state_of(model)
+        with dtensor_ops.implicit_replication():
+            data = dtensor_route.global_batches(data, distribution)
+            logs = _routed(step_function, data, model, state, kind)
+        # After a step every variable and output has looked up its layout.
+        if not state.layout_checked:
+            state.layout_checked = True
+            layout_report.check(model, distribution)
+        return logs
+
+    step.upstream = step_function
+    return step
+
+
+def _routed(step_function, data, model, state, kind):
+    distribution = current_distribution()
+    replicas = local_replicas_for(model, state, distribution)
+    if replicas is None:
+        _warn_if_not_compiled(model, state)
+        return dtensor_route.run(step_function, data, model, state, distribution)
+    if kind != "predict" and replicas.wants_exact_step(kind):
+        replicas.before_exact_step()
+        logs = dtensor_route.run(step_function, data, model, state, distribution)
+        replicas.after_exact_step(kind)
+        return logs
+    with replicas.active():
+        return step_function(data)
+
+
+def local_replicas_for(model, state, distribution):
+    """`model`'s `LocalReplicas`, built or rebuilt as needed, or None where
+    its steps cannot run on local replicas."""
+    if not local_replicas.eligible(distribution):
+        return None
+    replicas = state.replicas
+    if replicas is None or replicas.stale():
+        mesh = distribution.device_mesh.backend_mesh
+        try:
+            replicas = local_replicas.LocalReplicas(
+                model,
+                state,
+                mesh,
+                distribution.batch_dim_name,
+                previous=replicas,
+            )
+        except local_replicas.NotReplicated:
+            return None
+        state.replicas = replicas
+    return replicas
+
+
+def prepare_train_function(model):
+    """Called when Keras makes a train function: the DTensor weights get
+    their gradients laid out like them when backward ends, and local
+    replicas are made again (the trainable set may have changed)."""
+    state = state_of(model)
+    for handle in state.gradient_hooks:
+        handle.remove()
+    weights = [v.value for v in model.trainable_variables]
+    weights = [w for w in weights if isinstance(w, DTensor)]
+    state.gradient_hooks = gradient_buckets.reduce_on_accumulation(weights)
+    if state.replicas is not None:
+        state.replicas.invalidate()
+
+
+def compiles_whole_steps():
+    """Whether Keras may compile a step whole: not under a distribution,
+    whose collectives and DTensor loss do not trace as one graph;
+    `local_replicas` compiles the model's forward pass instead."""
+    return current_distribution() is None
+
+
+def _warn_if_not_compiled(model, state):
+    if model.jit_compile and not state.warned_eager:
+        state.warned_eager = True
+        warnings.warn(
+            "jit_compile=True: under this distribution the model's "
+            "variables are sharded DTensors, which torch.compile cannot "
+            "trace through Keras layers in this torch version; steps run "
+            "eagerly. Data-parallel steps (local replicas) are compiled."
+        )

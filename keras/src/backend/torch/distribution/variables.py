@@ -1,0 +1,167 @@
+"""Keras variables under a distribution, as the torch `Variable` holds them.
+
+- A variable created under a distribution, or given a `layout`, holds a
+  DTensor laid out by `distribution.get_variable_layout(variable)` (its own
+  `_layout` wins, so optimizer slots follow their variable).
+- Assigning keeps the layout, from any global value or DTensor; a sharded
+  variable assigned from a weights file reads only its block
+  (`saving.h5_partial_read.PartialRead`).
+- Inside a data-parallel step on local replicas (`steps.local_replicas`),
+  a variable reads as, and assigns to, its local replica: a plain
+  parameter sharing its replicated DTensor's storage (`reading_replicas`).
+- `convert_to_numpy` (hence `variable.numpy()`, `get_weights()`,
+  `predict`) gathers a DTensor's full value. It is a collective: every rank
+  calls it, as every rank runs the same Keras program. A save gathers
+  every value ahead, on every rank, then serves them to rank 0's writer
+  (`gathered_ahead`).
+
+The functions here take the Keras backend module that holds `Variable`
+(`core`): `keras.src.backend.torch.core` on Keras 3.15,
+`keras.src.backend.torch.ops.core` on 3.16.
+"""
+
+import contextlib
+import threading
+
+import numpy as np
+import torch
+from torch.distributed.tensor import DTensor
+
+from keras.src.backend.common import global_state
+from keras.src.backend.torch import distribution_lib
+from keras.src.backend.torch.distribution import dtensor_ops
+from keras.src.backend.torch.distribution.saving.h5_partial_read import (
+    PartialRead,
+)
+
+_local = threading.local()
+
+
+def layout_of(variable):
+    """The `TensorLayout` for `variable`, or None to keep it a plain tensor."""
+    if variable._layout is not None:
+        return variable._layout
+    distribution = global_state.get_global_attribute("distribution")
+    if distribution is None:
+        return None
+    return distribution.get_variable_layout(variable)
+
+
+def initialize(variable, value, core):
+    """`Variable._initialize`: a DTensor when a layout applies."""
+    if isinstance(value, torch.nn.Parameter):
+        variable._value = value  # Reuse the parameter, as upstream.
+        return
+    value = core.convert_to_tensor(value, dtype=variable._dtype)
+    variable._shape = variable._validate_shape(value.shape)
+    variable._layout = layout_of(variable)
+    if variable._layout is None:
+        value = value.to(core.get_device())
+    else:
+        dtensor_ops.install()
+        value = distribution_lib.distribute_variable(
+            value, variable._layout, name=variable.path
+        )
+    variable._value = torch.nn.Parameter(value, requires_grad=variable.trainable)
+
+
+@contextlib.contextmanager
+def reading_replicas(replicas):
+    """Inside, in this thread, the variables in `replicas` (`{id(variable):
+    plain parameter}`) read as, and assign to, those parameters."""
+    _local.replicas = replicas
+    try:
+        yield
+    finally:
+        _local.replicas = None
+
+
+def replica_of(variable):
+    """The local replica `variable` reads as in this thread, or None."""
+    replicas = getattr(_local, "replicas", None)
+    if replicas is None:
+        return None
+    return replicas.get(id(variable))
+
+
+def assign(variable, value):
+    """`Variable._direct_assign`: onto the variable's layout, or into its
+    local replica inside a local-replica step."""
+    replica = replica_of(variable)
+    if replica is not None:
+        if isinstance(value, DTensor):  # From a loss on sharded outputs.
+            value = value.full_tensor()
+        with torch.no_grad():
+            replica.copy_(value)
+        return
+    if isinstance(variable._value, DTensor):
+        value = distribution_lib.distribute_tensor(value, variable._layout)
+    with torch.no_grad():
+        variable.value.copy_(value)
+
+
+def readable(variable, value):
+    """What `Variable._convert_to_tensor` converts for `value`: a sharded
+    variable assigned from a weights file reads only its block of it."""
+    if not isinstance(value, PartialRead):
+        return value
+    like = variable._value
+    if isinstance(like, DTensor) and tuple(value.shape) == tuple(like.shape):
+        return value.block_like(like)
+    return np.asarray(value)
+
+
+def convert_to_numpy(x, upstream):
+    """`convert_to_numpy`: a DTensor gives its full value (a collective),
+    or the value gathered ahead for a save."""
+    served = _served(x)
+    if served is not None:
+        return served
+    if isinstance(x, (list, tuple)):
+        return upstream([_gathered(e) for e in x])
+    return _record(x, upstream(_gathered(x)))
+
+
+@contextlib.contextmanager
+def gathered_ahead(values, record):
+    """Inside, `convert_to_numpy` records into, or serves from, `values`.
+
+    A save gathers in two passes (see `saving.saved_values`). In the
+    first, on every rank, each value converted is gathered as usual and,
+    when `values` is a dict, recorded there as `{id(x): (x, array)}`. In
+    the second, on rank 0 alone, a recorded `x` returns its array; a
+    DTensor not recorded raises, where gathering it on one rank would wait
+    forever.
+    """
+    _local.values, _local.record = values, record
+    try:
+        yield
+    finally:
+        _local.values = _local.record = None
+
+
+def _gathered(x):
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def _served(x):
+    """`x`'s recorded array while serving; None otherwise."""
+    values = getattr(_local, "values", None)
+    if values is None or _local.record:
+        return None
+    if id(x) in values:
+        return values[id(x)][1]
+    if isinstance(getattr(x, "value", x), DTensor):
+        raise RuntimeError(
+            f"Saving asked for a sharded value that was not gathered by "
+            f"every process beforehand: {x!r}. Values a save writes must "
+            "be the same objects in every pass over the model."
+        )
+    return None
+
+
+def _record(x, array):
+    values = getattr(_local, "values", None)
+    if values is not None and _local.record:
+        values[id(x)] = (x, array)  # `x` too, so that its id stays its own.
+    return array
