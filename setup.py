@@ -77,7 +77,7 @@ setuptools.setup(
     # The supported ranges. `distribution_graft` reads the Keras range back
     # from the installed metadata to warn on an untested Keras.
     install_requires=[
-        "keras>=3.15.1,<3.16",
+        "keras>=3.15.1,<3.17",
         "torch>=2.13,<2.14",
         "numpy",
     ],

@@ -1,22 +1,29 @@
 """Lays this project's `keras/` tree over the installed Keras.
 
 `keras_torch_distribution.pth` imports this module when Python starts. It
-puts one finder in front of `sys.meta_path` that does two things, and only
-for Keras's own modules:
+puts one finder in front of `sys.meta_path` that does three things, and
+only for Keras's own modules:
 
 1. Overlay: when a Keras package is imported that has a directory of ours at
    the same path (`keras/src/backend/torch/`, `keras/src/testing/`), that
    directory is appended to the package's `__path__`. Our files become
    importable at the names they would have inside Keras
    (`keras.src.backend.torch.distribution_lib`); Keras's own files come first
-   on the path, so ours can add modules but never shadow one.
-2. Companions: right after the body of one of the Keras modules in
+   on the path, so ours can add modules but never shadow one, except:
+2. Replacement: a Keras that ships its own torch `distribution_lib.py`
+   (3.16 on) gets ours in its place, the module named in
+   `REPLACED_MODULES`.
+3. Companions: right after the body of one of the Keras modules in
    `COMPANIONS` has run, the companion module named there applies the
-   changes that a Keras pull request would make to that file.
+   changes that a Keras pull request would make to that file. A companion
+   is named under every Keras module name it has had (the torch backend's
+   `core.py` became `ops/core.py` in 3.16); only the installed one is
+   imported.
 
-Both happen only with the torch backend. When the installed Keras ships its
-own `keras/src/backend/torch/distribution_lib.py`, this project steps aside:
-nothing is overlaid or changed and one warning says so.
+All of it happens only with the torch backend, and not at all when
+`KERAS_TORCH_DISTRIBUTION=builtin`: then Keras runs as installed (with its
+own torch distribution, if it ships one). Either way, on a Keras that
+ships its own, one line at import says which is used.
 
 This file is the only one imported under the installed package's own name
 (`keras_torch_distribution...`); everything else is imported as `keras.*`.
@@ -24,9 +31,9 @@ This file is the only one imported under the installed package's own name
 
 import importlib
 import importlib.abc
+import importlib.util
 import os
 import sys
-import warnings
 
 # This file sits at <root>/src/backend/torch/distribution_graft.py, where
 # <root> mirrors Keras's `keras/` package directory.
@@ -35,19 +42,28 @@ OVERLAY_ROOT = os.path.abspath(
 )
 
 # Keras module -> our companion module, applied right after the Keras module
-# has been executed.
+# has been executed. Keras 3.15 and 3.16 name some modules differently.
 COMPANIONS = {
     "keras.src.backend": "keras.src.backend.torch.keras_edits.backend_init",
     "keras.src.distribution.distribution_lib": (
         "keras.src.backend.torch.keras_edits.distribution_api"
     ),
-    "keras.src.backend.torch.core": (
+    "keras.src.backend.torch.core": (  # Keras 3.15
         "keras.src.backend.torch.keras_edits.torch_core"
     ),
-    "keras.src.backend.torch.nn": (
+    "keras.src.backend.torch.ops.core": (  # Keras 3.16
+        "keras.src.backend.torch.keras_edits.torch_core"
+    ),
+    "keras.src.backend.torch.nn": (  # Keras 3.15
         "keras.src.backend.torch.keras_edits.torch_nn"
     ),
-    "keras.src.backend.torch.numpy": (
+    "keras.src.backend.torch.ops.nn": (  # Keras 3.16
+        "keras.src.backend.torch.keras_edits.torch_nn"
+    ),
+    "keras.src.backend.torch.numpy": (  # Keras 3.15
+        "keras.src.backend.torch.keras_edits.torch_numpy"
+    ),
+    "keras.src.backend.torch.ops.numpy": (  # Keras 3.16
         "keras.src.backend.torch.keras_edits.torch_numpy"
     ),
     "keras.src.backend.torch.trainer": (
@@ -78,6 +94,14 @@ COMPANIONS = {
         "keras.src.backend.torch.keras_edits.torch_utils"
     ),
 }
+
+# Our modules that take the place of the Keras module of the same name, in
+# a Keras that ships one.
+REPLACED_MODULES = ("keras.src.backend.torch.distribution_lib",)
+
+# `builtin`: leave Keras as installed.
+MODE_ENV = "KERAS_TORCH_DISTRIBUTION"
+MODES = ("ours", "builtin")
 
 # A Keras that ships this file has its own torch distribution support.
 KERAS_OWN_MODULE = os.path.join(
@@ -121,41 +145,65 @@ def torch_backend_selected():
     return config is None or config.backend() == "torch"
 
 
+def chosen_mode(environ=os.environ):
+    """`"ours"` or `"builtin"`, from `KERAS_TORCH_DISTRIBUTION`."""
+    mode = environ.get(MODE_ENV, "").strip().lower() or "ours"
+    if mode not in MODES:
+        raise ValueError(
+            f"{MODE_ENV}={environ[MODE_ENV]!r}: use 'builtin' for Keras's own "
+            "torch distribution, or leave it unset for keras-torch-"
+            "distribution's."
+        )
+    return mode
+
+
 class KerasOverlayFinder(importlib.abc.MetaPathFinder):
-    """Finds Keras modules as usual, then applies the overlay and companions."""
+    """Finds Keras modules as usual, then applies the overlay, the
+    replacements and the companions."""
 
     is_keras_torch_distribution_graft = True
 
     def __init__(self, root=OVERLAY_ROOT):
         self.root = root
         self.packages = overlay_packages(root)
-        self.stepping_aside = None  # Decided when `keras` itself is found.
+        self.mode = None  # Decided when `keras` itself is found.
+        self.keras_ships_own = False
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname == "keras":
             spec = self._find_with_other_finders(fullname, path, target)
             if spec is not None:
-                self._decide_stepping_aside(spec)
+                self._decide(spec)
             return spec
         our_dir = self.packages.get(fullname)
         companion = COMPANIONS.get(fullname)
-        if self.stepping_aside is None or (our_dir is None and not companion):
+        replaced = fullname in REPLACED_MODULES
+        if self.mode is None or not (our_dir or companion or replaced):
             # Not ours, or Keras was imported before this finder existed.
             return None
+        if replaced and self.mode == "ours" and torch_backend_selected():
+            return self._our_spec(fullname)
         spec = self._find_with_other_finders(fullname, path, target)
         if spec is None:
             return None
-        if self.stepping_aside:
-            if fullname == "keras.src.backend":
-                spec.loader = RunAfterLoader(spec.loader, warn_stepping_aside)
-            return spec
-        locations = spec.submodule_search_locations
-        if our_dir and locations is not None and torch_backend_selected():
-            if our_dir not in locations:
-                locations.append(our_dir)
-        if companion:
-            spec.loader = RunAfterLoader(spec.loader, CompanionHook(companion))
+        hooks = []
+        if fullname == "keras.src.backend" and self.keras_ships_own:
+            hooks.append(self._say_which)
+        if self.mode == "ours":
+            locations = spec.submodule_search_locations
+            if our_dir and locations is not None and torch_backend_selected():
+                if our_dir not in locations:
+                    locations.append(our_dir)
+            if companion:
+                hooks.append(CompanionHook(companion))
+        if hooks:
+            spec.loader = RunAfterLoader(spec.loader, hooks)
         return spec
+
+    def _our_spec(self, fullname):
+        relative = fullname.split(".")[1:]
+        location = os.path.join(self.root, *relative) + ".py"
+        return importlib.util.spec_from_file_location(fullname, location)
 
     def _find_with_other_finders(self, fullname, path, target):
         for finder in sys.meta_path:
@@ -166,11 +214,31 @@ class KerasOverlayFinder(importlib.abc.MetaPathFinder):
                 return spec
         return None
 
-    def _decide_stepping_aside(self, keras_spec):
+    def _decide(self, keras_spec):
         keras_dirs = keras_spec.submodule_search_locations or []
-        self.stepping_aside = any(
+        self.keras_ships_own = any(
             keras_ships_torch_distribution(d) for d in keras_dirs
         )
+        self.mode = chosen_mode()
+
+    def _say_which(self, backend_module):
+        """One line, from the first process of a job, on a Keras that
+        ships its own torch distribution."""
+        if backend_module.backend() != "torch":
+            return
+        if os.environ.get("RANK", "0") != "0":
+            return
+        if self.mode == "ours":
+            line = (
+                "keras-torch-distribution replaces the torch distribution "
+                f"that Keras ships (set {MODE_ENV}=builtin to use Keras's)."
+            )
+        else:
+            line = (
+                f"{MODE_ENV}=builtin: Keras's own torch distribution is "
+                "used; keras-torch-distribution steps aside."
+            )
+        sys.stderr.write(f"[keras-torch-distribution] {line}\n")
 
 
 class CompanionHook:
@@ -205,31 +273,21 @@ class CompanionHook:
             companion.apply(keras_module)
 
 
-def warn_stepping_aside(backend_module):
-    if backend_module.backend() == "torch":
-        warnings.warn(
-            "The installed Keras ships its own "
-            "keras/src/backend/torch/distribution_lib.py, so "
-            "keras-torch-distribution steps aside and Keras's own torch "
-            "distribution support is used. Uninstall keras-torch-distribution "
-            "to silence this warning.",
-            stacklevel=2,
-        )
-
-
 class RunAfterLoader(importlib.abc.Loader):
-    """Runs `hook(module)` right after the wrapped loader executed `module`."""
+    """Runs each of `hooks` on `module` right after the wrapped loader
+    executed `module`."""
 
-    def __init__(self, loader, hook):
+    def __init__(self, loader, hooks):
         self.loader = loader
-        self.hook = hook
+        self.hooks = hooks
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
         self.loader.exec_module(module)
-        self.hook(module)
+        for hook in self.hooks:
+            hook(module)
 
     def __getattr__(self, name):
         # get_source, get_code, is_package, ... stay the wrapped loader's.

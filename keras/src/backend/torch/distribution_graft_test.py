@@ -37,9 +37,12 @@ STAND_IN_KERAS = {
 }
 
 
-def run_python(code, backend="torch", pythonpath=None):
+def run_python(code, backend="torch", pythonpath=None, mode=None):
     env = dict(os.environ, KERAS_BACKEND=backend)
     env.pop("PYTHONPATH", None)
+    env.pop(distribution_graft.MODE_ENV, None)
+    if mode is not None:
+        env[distribution_graft.MODE_ENV] = mode
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     return subprocess.run(
@@ -131,20 +134,66 @@ class StandInKerasTest(testing.TestCase):
             result.stderr,
         )
 
-    def test_steps_aside_for_keras_own_torch_module(self):
-        root = self.write_stand_in(
+    def keras_with_own_torch_module(self):
+        return self.write_stand_in(
             {"keras/src/backend/torch/distribution_lib.py": "OWN = True\n"}
         )
+
+    def test_replaces_keras_own_torch_module(self):
         result = run_python(
             """
             import keras.src.backend as backend
             from keras.src.backend.torch import distribution_lib
-            print(backend.distribution_lib, distribution_lib.OWN)
+            print(backend.distribution_lib is distribution_lib,
+                  distribution_lib.__file__, hasattr(distribution_lib, "OWN"))
             """,
-            pythonpath=root,
+            pythonpath=self.keras_with_own_torch_module(),
         )
-        self.assertEqual(result.stdout, "None True\n", result.stderr)
+        self.assertEqual(
+            result.stdout,
+            f"True {OUR_TORCH_DIR}/distribution_lib.py False\n",
+            result.stderr,
+        )
+        line = "replaces the torch distribution that Keras ships"
+        self.assertEqual(result.stderr.count(line), 1, result.stderr)
+        self.assertIn("KERAS_TORCH_DISTRIBUTION=builtin", result.stderr)
+
+    def test_builtin_steps_aside_for_keras_own_torch_module(self):
+        result = run_python(
+            """
+            import keras.src.backend as backend
+            import keras.src.backend.torch as torch_backend
+            from keras.src.backend.torch import distribution_lib
+            print(backend.distribution_lib, distribution_lib.OWN,
+                  len(torch_backend.__path__))
+            """,
+            pythonpath=self.keras_with_own_torch_module(),
+            mode="builtin",
+        )
+        self.assertEqual(result.stdout, "None True 1\n", result.stderr)
         self.assertEqual(result.stderr.count("steps aside"), 1, result.stderr)
+
+    def test_builtin_leaves_any_keras_as_installed(self):
+        result = run_python(
+            """
+            import keras.src.backend as backend
+            import keras.src.backend.torch as torch_backend
+            print(backend.distribution_lib, len(torch_backend.__path__))
+            """,
+            pythonpath=self.write_stand_in(),
+            mode="builtin",
+        )
+        self.assertEqual(result.stdout, "None 1\n", result.stderr)
+        self.assertEqual(result.stderr, "")
+
+    def test_unknown_mode_is_an_error_that_names_the_choices(self):
+        result = run_python(
+            "import keras.src.backend",
+            pythonpath=self.write_stand_in(),
+            mode="mine",
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("KERAS_TORCH_DISTRIBUTION='mine': use 'builtin'", result.stderr)
 
     def test_warns_once_on_untested_keras(self):
         metadata = "Metadata-Version: 2.1\nName: keras\nVersion: 3.99.0\n"
@@ -161,7 +210,7 @@ class StandInKerasTest(testing.TestCase):
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         warning = (
-            r"supports keras(<3.16,>=3.15.1|>=3.15.1,<3.16) but keras 3.99.0"
+            r"supports keras(<3.17,>=3.15.1|>=3.15.1,<3.17) but keras 3.99.0"
         )
         self.assertRegex(result.stderr, warning)
         self.assertEqual(result.stderr.count("but keras 3.99.0"), 1)

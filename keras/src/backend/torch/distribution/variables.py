@@ -14,10 +14,6 @@
   calls it, as every rank runs the same Keras program. A save gathers
   every value ahead, on every rank, then serves them to rank 0's writer
   (`gathered_ahead`).
-
-The functions here take the Keras backend module that holds `Variable`
-(`core`): `keras.src.backend.torch.core` on Keras 3.15,
-`keras.src.backend.torch.ops.core` on 3.16.
 """
 
 import contextlib
@@ -29,6 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from keras.src.backend.common import global_state
 from keras.src.backend.torch import distribution_lib
+from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import dtensor_ops
 from keras.src.backend.torch.distribution.saving.h5_partial_read import (
     PartialRead,
@@ -47,16 +44,16 @@ def layout_of(variable):
     return distribution.get_variable_layout(variable)
 
 
-def initialize(variable, value, core):
+def initialize(variable, value):
     """`Variable._initialize`: a DTensor when a layout applies."""
     if isinstance(value, torch.nn.Parameter):
         variable._value = value  # Reuse the parameter, as upstream.
         return
-    value = core.convert_to_tensor(value, dtype=variable._dtype)
+    value = backend_core.convert_to_tensor(value, dtype=variable._dtype)
     variable._shape = variable._validate_shape(value.shape)
     variable._layout = layout_of(variable)
     if variable._layout is None:
-        value = value.to(core.get_device())
+        value = value.to(backend_core.get_device())
     else:
         dtensor_ops.install()
         value = distribution_lib.distribute_variable(

@@ -37,6 +37,21 @@ def edit(owner, name, make_replacement):
     setattr(owner, name, replacement)
 
 
+class _EditedProperty(property):
+    """A property that can carry `edit`'s `.upstream` attribute."""
+
+
+def edit_property(owner, name, make_getter):
+    """Replaces property `owner.<name>` with a read-only one whose getter is
+    `make_getter(upstream property)`, once, as `edit` does."""
+
+    def make_replacement(upstream):
+        return _EditedProperty(make_getter(upstream))
+
+    make_replacement.__module__ = make_getter.__module__
+    edit(owner, name, make_replacement)
+
+
 def set_attribute(owner, name, value, companion):
     """Sets `owner.<name>` to `value` (a new attribute, or one Keras sets to
     a placeholder, as `distribution_lib = None`), recorded like an edit."""

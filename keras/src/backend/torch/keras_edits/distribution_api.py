@@ -1,6 +1,6 @@
 """Companion of `keras/src/distribution/distribution_lib.py`.
 
-Two upstream edits, both on behalf of the torch backend:
+Upstream edits on behalf of the torch backend:
 
 - `TensorLayout._validate_axes` accepts a tuple of mesh axes for one tensor
   dim (`(("batch", "model"), None)`), as JAX's `PartitionSpec` does; Keras
@@ -10,11 +10,15 @@ Two upstream edits, both on behalf of the torch backend:
   PyTorch modules select the same variables. It notes which keys matched,
   for the report of keys that matched nothing (see
   `distribution/layout_maps.py`).
+- Keras 3.16's `Distribution.num_data_shards` and `data_shard_id` make its
+  data adapters shard per process; here there is one shard, and this
+  package splits every global batch itself.
 """
 
 from keras.src.backend.torch.distribution import layout_maps
 from keras.src.backend.torch.distribution import layouts
 from keras.src.backend.torch.keras_edits import edit
+from keras.src.backend.torch.keras_edits import edit_property
 
 
 def _validate_axes(upstream):
@@ -33,6 +37,24 @@ def _layout_map_getitem(upstream):
     return getitem
 
 
+def _one_data_shard(upstream):
+    def num_data_shards(self):
+        """Stands for `Distribution.num_data_shards` (Keras 3.16): Keras's
+        data adapters do not shard per process; this package splits every
+        global batch itself (`distribution/data/adapters.py`)."""
+        return 1
+
+    return num_data_shards
+
+
+def _first_data_shard(upstream):
+    def data_shard_id(self):
+        """Stands for `Distribution.data_shard_id` (Keras 3.16)."""
+        return 0
+
+    return data_shard_id
+
+
 def apply(distribution_module):
     layout, layout_map = (
         distribution_module.TensorLayout,
@@ -40,3 +62,7 @@ def apply(distribution_module):
     )
     edit(layout, "_validate_axes", _validate_axes)
     edit(layout_map, "__getitem__", _layout_map_getitem)
+    distribution = distribution_module.Distribution
+    if hasattr(distribution, "num_data_shards"):  # Keras 3.16
+        edit_property(distribution, "num_data_shards", _one_data_shard)
+        edit_property(distribution, "data_shard_id", _first_data_shard)

@@ -9,123 +9,235 @@ import importlib
 import importlib.metadata
 import warnings
 
-KERAS_CHECKED_VERSIONS = ("3.15.1",)
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+KERAS_CHECKED_VERSIONS = ("3.15.1", "3.16.0.dev2026102704")
 TORCH_CHECKED_VERSIONS = ("2.13.0",)
+
+# Keras 3.16 moved the torch backend's `core`, `nn` and `numpy` modules into
+# `ops/`. Entries name the Keras series they hold for ("3.15", "3.16"), or
+# None for both.
+CORE = {"3.15": "keras.src.backend.torch.core"}
+CORE["3.16"] = "keras.src.backend.torch.ops.core"
+NN = {"3.15": "keras.src.backend.torch.nn"}
+NN["3.16"] = "keras.src.backend.torch.ops.nn"
+NUMPY = {"3.15": "keras.src.backend.torch.numpy"}
+NUMPY["3.16"] = "keras.src.backend.torch.ops.numpy"
+TRAINER = "keras.src.backend.torch.trainer"
+TRAINER_CLASS = {"3.15": "TorchTrainer", "3.16": "Trainer"}
+
+
+def _in_both(module_by_series, attribute, companion):
+    return tuple(
+        (module, attribute, companion, series)
+        for series, module in module_by_series.items()
+    )
+
+
+def _trainer(attribute, series=None):
+    names = (
+        TRAINER_CLASS.items()
+        if series is None
+        else [(series, TRAINER_CLASS[series])]
+    )
+    return tuple(
+        (TRAINER, f"{name}.{attribute}", "torch_trainer", each)
+        for each, name in names
+    )
+
 
 # Keras attributes that a companion module replaces or sets, exactly the
 # changes `keras_edits.edit` and `set_attribute` record (the test compares
-# both ways).
+# both ways): (module, attribute, companion in keras_edits, series).
 KERAS_REPLACED = (
-    # (module, attribute, companion in keras_edits)
-    ("keras.src.backend", "distribution_lib", "backend_init"),
-    ("keras.src.backend.torch", "distribution_lib", "backend_init"),
-    ("keras.src.backend.torch.core", "Variable._initialize", "torch_core"),
-    ("keras.src.backend.torch.core", "Variable._direct_assign", "torch_core"),
-    ("keras.src.backend.torch.core", "Variable.value", "torch_core"),
-    ("keras.src.backend.torch.core", "convert_to_numpy", "torch_core"),
+    ("keras.src.backend", "distribution_lib", "backend_init", None),
+    ("keras.src.backend.torch", "distribution_lib", "backend_init", None),
+    *_in_both(CORE, "Variable._initialize", "torch_core"),
+    *_in_both(CORE, "Variable._direct_assign", "torch_core"),
+    *_in_both(CORE, "Variable.value", "torch_core"),
+    *_in_both(CORE, "convert_to_numpy", "torch_core"),
+    *_in_both(CORE, "Variable._convert_to_tensor", "torch_core"),
+    # Keras 3.16 lays variables out itself there.
     (
-        "keras.src.backend.torch.core",
-        "Variable._convert_to_tensor",
+        CORE["3.16"],
+        "Variable._initialize_with_initializer",
         "torch_core",
+        "3.16",
     ),
-    ("keras.src.backend.torch.nn", "dot_product_attention", "torch_nn"),
-    ("keras.src.backend.torch.numpy", "take", "torch_numpy"),
-    ("keras.src.backend.torch.numpy", "take_along_axis", "torch_numpy"),
-    ("keras.src.backend.torch.numpy", "matmul", "torch_numpy"),
-    ("keras.src.backend.torch.numpy", "einsum", "torch_numpy"),
+    *_in_both(NN, "dot_product_attention", "torch_nn"),
+    *_in_both(NUMPY, "take", "torch_numpy"),
+    *_in_both(NUMPY, "take_along_axis", "torch_numpy"),
+    *_in_both(NUMPY, "matmul", "torch_numpy"),
+    *_in_both(NUMPY, "einsum", "torch_numpy"),
+    *_trainer("make_train_function"),
+    *_trainer("make_test_function"),
+    *_trainer("make_predict_function"),
+    *_trainer("_should_torch_compile", "3.15"),
+    # Keras 3.16's own distribution in its trainer, switched off: compile
+    # choice, DDP wrapping (also with no distribution set), metric
+    # all-reduce, per-process batches and per-process predictions.
+    *_trainer("_use_torch_compile", "3.16"),
+    *_trainer("_initialize_ddp", "3.16"),
+    *_trainer("get_metrics_result", "3.16"),
+    (TRAINER, "_distribute_data", "torch_trainer", "3.16"),
+    (TRAINER, "_gather_non_batch_axes", "torch_trainer", "3.16"),
     (
-        "keras.src.backend.torch.trainer",
-        "TorchTrainer._should_torch_compile",
+        TRAINER,
+        "TorchEpochIterator._get_iterator",
         "torch_trainer",
-    ),
-    (
-        "keras.src.backend.torch.trainer",
-        "TorchTrainer.make_train_function",
-        "torch_trainer",
-    ),
-    (
-        "keras.src.backend.torch.trainer",
-        "TorchTrainer.make_test_function",
-        "torch_trainer",
-    ),
-    (
-        "keras.src.backend.torch.trainer",
-        "TorchTrainer.make_predict_function",
-        "torch_trainer",
+        "3.16",
     ),
     (
         "keras.src.callbacks.csv_logger",
         "CSVLogger.on_train_begin",
         "csv_logger",
+        None,
     ),
-    ("keras.src.callbacks.csv_logger", "CSVLogger.on_epoch_end", "csv_logger"),
-    ("keras.src.callbacks.csv_logger", "CSVLogger.on_train_end", "csv_logger"),
+    (
+        "keras.src.callbacks.csv_logger",
+        "CSVLogger.on_epoch_end",
+        "csv_logger",
+        None,
+    ),
+    (
+        "keras.src.callbacks.csv_logger",
+        "CSVLogger.on_train_end",
+        "csv_logger",
+        None,
+    ),
     (
         "keras.src.distribution.distribution_lib",
         "TensorLayout._validate_axes",
         "distribution_api",
+        None,
     ),
     (
         "keras.src.distribution.distribution_lib",
         "LayoutMap.__getitem__",
         "distribution_api",
+        None,
+    ),
+    # Keras 3.16's per-process sharding in its data adapters, switched off.
+    (
+        "keras.src.distribution.distribution_lib",
+        "Distribution.num_data_shards",
+        "distribution_api",
+        "3.16",
+    ),
+    (
+        "keras.src.distribution.distribution_lib",
+        "Distribution.data_shard_id",
+        "distribution_api",
+        "3.16",
     ),
     (
         "keras.src.trainers.data_adapters",
         "get_data_adapter",
         "data_adapters",
+        None,
     ),
-    ("keras.src.utils.io_utils", "print_msg", "io_utils"),
+    ("keras.src.utils.io_utils", "print_msg", "io_utils", None),
     (
         "keras.src.callbacks.callback_list",
         "CallbackList._configure_async_dispatch",
         "callback_list",
+        None,
     ),
-    ("keras.src.utils.summary_utils", "print_summary", "summary_utils"),
-    ("keras.src.saving.saving_lib", "save_model", "saving_lib"),
-    ("keras.src.saving.saving_lib", "save_weights_only", "saving_lib"),
-    ("keras.src.saving.saving_lib", "load_model", "saving_lib"),
-    ("keras.src.saving.saving_lib", "load_weights_only", "saving_lib"),
-    ("keras.src.saving.saving_lib", "H5IOStore.__getitem__", "saving_lib"),
+    (
+        "keras.src.utils.summary_utils",
+        "print_summary",
+        "summary_utils",
+        None,
+    ),
+    ("keras.src.saving.saving_lib", "save_model", "saving_lib", None),
+    ("keras.src.saving.saving_lib", "save_weights_only", "saving_lib", None),
+    ("keras.src.saving.saving_lib", "load_model", "saving_lib", None),
+    ("keras.src.saving.saving_lib", "load_weights_only", "saving_lib", None),
+    (
+        "keras.src.saving.saving_lib",
+        "H5IOStore.__getitem__",
+        "saving_lib",
+        None,
+    ),
     (
         "keras.src.callbacks.backup_and_restore",
         "BackupAndRestore._save_model",
         "backup_and_restore",
+        None,
     ),
     (
         "keras.src.callbacks.backup_and_restore",
         "BackupAndRestore.on_train_end",
         "backup_and_restore",
+        None,
     ),
     (
         "keras.src.utils.torch_utils",
         "TorchModuleWrapper._track_module_parameters",
         "torch_utils",
+        None,
     ),
-    ("keras.src.utils.torch_utils", "TorchModuleWrapper.call", "torch_utils"),
+    (
+        "keras.src.utils.torch_utils",
+        "TorchModuleWrapper.call",
+        "torch_utils",
+        None,
+    ),
     (
         "keras.src.utils.torch_utils",
         "TorchModuleWrapper.save_own_variables",
         "torch_utils",
+        None,
     ),
     (
         "keras.src.utils.torch_utils",
         "TorchModuleWrapper.load_own_variables",
         "torch_utils",
+        None,
     ),
 )
 
-# Keras internals read or called, without being replaced.
+# Keras 3.16 enters its own DTensor promotion (`KerasDTensorPromotionMode`,
+# a `TorchDispatchMode`) from `set_distribution` only when the backend's
+# `distribution_lib` has these; ours has neither, so it stays off.
+KERAS_PROMOTION_HOOKS = (
+    "activate_dtensor_promotion",
+    "deactivate_dtensor_promotion",
+)
+# What Keras 3.16 imports from the backend's `distribution_lib` by name.
+KERAS_IMPORTS_FROM_DISTRIBUTION_LIB = (
+    "_to_backend_mesh",
+    "distribute_data_input",
+)
+
 KERAS_USED = (
     # The reference that keras.distribution's functions call through.
     ("keras.src.distribution.distribution_lib", "distribution_lib"),
     ("keras.src.backend.common.global_state", "get_global_attribute"),
     ("keras.src.backend.config", "backend"),
-    # The torch backend's conversions, called by the companions.
-    ("keras.src.backend.torch.core", "convert_to_tensor"),
-    ("keras.src.backend.torch.core", "get_device"),
+    # The torch backend's conversions, called by `variables`.
+    (CORE["3.15"], "convert_to_tensor", "3.15"),
+    (CORE["3.16"], "convert_to_tensor", "3.16"),
+    (CORE["3.15"], "get_device", "3.15"),
+    (CORE["3.16"], "get_device", "3.16"),
     # Called by the train/test/predict functions that the trainer wraps.
-    ("keras.src.backend.torch.trainer", "TorchTrainer.train_step"),
+    (TRAINER, "TorchTrainer.train_step", "3.15"),
+    (TRAINER, "Trainer.train_step", "3.16"),
+    # 3.16's train_step takes gradients by `torch.autograd.grad` unless
+    # the model runs eagerly (see `steps/route.py`); its base trainer's
+    # metrics results are those of 3.15.
+    ("keras.src.trainers.trainer", "Trainer.run_eagerly", "3.15"),
+    ("keras.src.trainers.trainer", "BaseTrainer.run_eagerly", "3.16"),
+    (
+        "keras.src.trainers.trainer",
+        "BaseTrainer.get_metrics_result",
+        "3.16",
+    ),
+    (
+        "keras.src.backend.common.variables",
+        "Variable._initialize_with_initializer",
+    ),
     # Local replicas: a model's `call` looked up on the instance (replaced
     # there during a step), its state, and its outputs' masks.
     ("keras.src.ops.operation", "Operation.__call__"),
@@ -158,6 +270,7 @@ KERAS_USED = (
     # Datasets split across processes: an adapter's batches are replaced
     # per instance (tf.data, and every input with auto_shard_dataset=False).
     ("keras.src.trainers.data_adapters", "is_tf_dataset"),
+    ("keras.src.trainers.data_adapters", "is_torch_dataloader"),
     (
         "keras.src.trainers.data_adapters.tf_dataset_adapter",
         "TFDatasetAdapter.get_tf_dataset",
@@ -218,6 +331,22 @@ TENSORFLOW_USED = (
 TORCH_USED = (
     # The store of the default process group, shared by every rank.
     ("torch.distributed.distributed_c10d", "_get_default_store"),
+    # The default group's backends by device (control traffic on CPU, a
+    # CPU mesh on a group without a CPU backend), and the timeout applied
+    # to the groups a mesh creates.
+    ("torch.distributed.distributed_c10d", "_get_default_group"),
+    ("torch.distributed", "ProcessGroup._device_types"),
+    ("torch.distributed.distributed_c10d", "_set_pg_timeout"),
+    # DTensor's random-number tracker, made after the seed agreement.
+    ("torch.distributed.tensor._random", "_rng_tracker"),
+    ("torch.distributed.tensor._random", "OffsetBasedRNGTracker"),
+    # Sharded checkpoints: DCP's reader, whose metadata we unpickle
+    # ourselves, and its failure report.
+    (
+        "torch.distributed.checkpoint",
+        "FileSystemReader._get_metadata_path",
+    ),
+    ("torch.distributed.checkpoint.api", "CheckpointException.failures"),
     # DTensor's implicit replication flag, kept per thread.
     ("torch._C", "_get_dtensor_allow_implicit_replication"),
     ("torch._C", "_set_dtensor_allow_implicit_replication"),
@@ -265,6 +394,43 @@ TORCH_USED = (
 DISTRIBUTION_NAME = "keras-torch-distribution"
 
 
+# The names the `keras` package is published under.
+KERAS_DISTRIBUTIONS = ("keras", "keras-nightly")
+
+
+def installed_keras_version():
+    for name in KERAS_DISTRIBUTIONS:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def keras_series(version=None):
+    """`"3.15"` or `"3.16"`: the series of the installed Keras."""
+    version = version or installed_keras_version()
+    return ".".join(version.split(".")[:2])
+
+
+def for_installed_keras(entries):
+    """The entries that hold for the installed Keras: those of its series,
+    and those of every series; the series element dropped."""
+    series = keras_series()
+    selected = []
+    for entry in entries:
+        *fields, entry_series = entry
+        if entry_series is None or entry_series == series:
+            selected.append(tuple(fields))
+    return selected
+
+
+def with_series(entries):
+    """`(module, attribute)` entries given a series of None (every series),
+    as `for_installed_keras` takes them; three-element ones keep theirs."""
+    return [e if len(e) == 3 else e + (None,) for e in entries]
+
+
 def resolve(module_name, attribute):
     """Returns `module_name.attribute`, following dots in `attribute`."""
     value = importlib.import_module(module_name)
@@ -275,8 +441,6 @@ def resolve(module_name, attribute):
 
 def supported_keras_range():
     """The Keras version range this project was installed with, or None."""
-    from packaging.requirements import Requirement
-
     try:
         requirements = importlib.metadata.requires(DISTRIBUTION_NAME) or []
     except importlib.metadata.PackageNotFoundError:
@@ -288,8 +452,6 @@ def supported_keras_range():
 
 
 def is_supported_keras(version, supported_range):
-    from packaging.specifiers import SpecifierSet
-
     return SpecifierSet(supported_range).contains(version, prereleases=True)
 
 
@@ -299,8 +461,8 @@ _warned_untested_keras = []
 def warn_if_untested_keras():
     """Warns once when the installed Keras is outside the supported range."""
     supported_range = supported_keras_range()
-    version = importlib.metadata.version("keras")
-    if _warned_untested_keras or not supported_range:
+    version = installed_keras_version()
+    if _warned_untested_keras or not supported_range or version is None:
         return
     if not is_supported_keras(version, supported_range):
         _warned_untested_keras.append(version)

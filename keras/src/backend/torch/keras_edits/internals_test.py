@@ -14,7 +14,7 @@ class InternalsTest(testing.TestCase):
     def test_installed_versions_were_checked(self):
         # A new Keras or torch fails here until this file has been reviewed.
         self.assertIn(
-            importlib.metadata.version("keras"),
+            internals.installed_keras_version(),
             internals.KERAS_CHECKED_VERSIONS,
         )
         self.assertIn(
@@ -22,9 +22,13 @@ class InternalsTest(testing.TestCase):
         )
 
     def test_every_internal_resolves(self):
-        entries = internals.KERAS_USED + internals.TORCH_USED
-        entries += internals.KERAS_SAVING_USED
-        entries += tuple(entry[:2] for entry in internals.KERAS_REPLACED)
+        entries = internals.with_series(
+            internals.KERAS_USED + internals.KERAS_SAVING_USED
+        )
+        entries = internals.for_installed_keras(entries)
+        entries += [e[:2] for e in internals.TORCH_USED]
+        replaced = internals.for_installed_keras(internals.KERAS_REPLACED)
+        entries += [entry[:2] for entry in replaced]
         for module_name, attribute in entries:
             internals.resolve(module_name, attribute)
 
@@ -66,7 +70,8 @@ class InternalsTest(testing.TestCase):
     def test_replaced_internals_are_ours(self):
         from keras.src.backend.torch import distribution_lib
 
-        for module_name, attribute, _ in internals.KERAS_REPLACED:
+        replaced = internals.for_installed_keras(internals.KERAS_REPLACED)
+        for module_name, attribute, _ in replaced:
             value = internals.resolve(module_name, attribute)
             if attribute == "distribution_lib":
                 self.assertIs(value, distribution_lib)
@@ -77,12 +82,26 @@ class InternalsTest(testing.TestCase):
                 )
 
     def test_registry_is_internals_both_ways(self):
-        # Importing each Keras module with a companion applies it.
+        # Importing each Keras module with a companion applies it; modules
+        # of the other Keras series do not exist.
         for keras_module in distribution_graft.COMPANIONS:
-            importlib.import_module(keras_module)
+            try:
+                importlib.import_module(keras_module)
+            except ModuleNotFoundError:
+                continue
         self.assertEqual(
-            sorted(keras_edits.REGISTRY), sorted(internals.KERAS_REPLACED)
+            sorted(keras_edits.REGISTRY),
+            sorted(internals.for_installed_keras(internals.KERAS_REPLACED)),
         )
+
+    def test_distribution_lib_keeps_what_keras_3_16_imports(self):
+        from keras.src.backend.torch import distribution_lib
+
+        for name in internals.KERAS_IMPORTS_FROM_DISTRIBUTION_LIB:
+            self.assertTrue(hasattr(distribution_lib, name), name)
+        # Keras 3.16 enters its own DTensor promotion only through these.
+        for name in internals.KERAS_PROMOTION_HOOKS:
+            self.assertFalse(hasattr(distribution_lib, name), name)
 
     def test_supported_range_is_setup_py_range(self):
         self.assertTrue(
@@ -90,9 +109,14 @@ class InternalsTest(testing.TestCase):
                 "3.15.1", internals.supported_keras_range()
             )
         )
+        self.assertTrue(
+            internals.is_supported_keras(
+                "3.16.0.dev2026102704", internals.supported_keras_range()
+            )
+        )
         self.assertFalse(
             internals.is_supported_keras(
-                "3.16.0.dev0", internals.supported_keras_range()
+                "3.17.0", internals.supported_keras_range()
             )
         )
         self.assertFalse(

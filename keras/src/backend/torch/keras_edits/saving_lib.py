@@ -12,11 +12,12 @@ from keras.src.backend.torch.keras_edits import edit
 
 
 def _save_model(upstream):
-    def save_model(model, filepath, weights_format="h5", zipped=True):
-        """Stands for `save_model`."""
+    def save_model(model, filepath, *args, **kwargs):
+        """Stands for `save_model` (whose options differ between Keras
+        3.15 and 3.16, and pass through)."""
 
         def save(target):
-            return upstream(model, target, weights_format, zipped)
+            return upstream(model, target, *args, **kwargs)
 
         return saved_values.save_once(save, model, filepath, "model.save")
 

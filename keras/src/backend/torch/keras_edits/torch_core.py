@@ -4,23 +4,31 @@ Upstream, the torch `Variable` consults the distribution the way the JAX
 one does, and `convert_to_numpy` returns global values: a variable holds a
 DTensor laid out by the distribution, reads as its local replica inside a
 data-parallel step, and keeps its layout when assigned (see
-`distribution/variables.py`).
+`distribution/variables.py`). Keras 3.16 moved this file to
+`keras/src/backend/torch/ops/core.py` and lays variables out on its own in
+`_initialize_with_initializer`, which is switched off here.
 """
 
+from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import variables
 from keras.src.backend.torch.keras_edits import edit
-
-# The Keras module edited here, whose conversions `variables` calls.
-_core = []
-
+from keras.src.backend.torch.keras_edits import edit_property
 
 def _initialize(self, value):
     """Stands for `Variable._initialize`."""
-    variables.initialize(self, value, _core[0])
+    variables.initialize(self, value)
 
 
-class _Property(property):
-    """A property that can carry `edit`'s `.upstream` attribute."""
+def _common_initialize_with_initializer(upstream):
+    def initialize_with_initializer(self, initializer):
+        """Stands for `Variable._initialize_with_initializer` (Keras 3.16,
+        which lays variables out on its own there): the common variable's,
+        whose `_initialize` (above) lays the value out."""
+        super(backend_core.module().Variable, self)._initialize_with_initializer(
+            initializer
+        )
+
+    return initialize_with_initializer
 
 
 def _value_property(upstream):
@@ -32,7 +40,7 @@ def _value_property(upstream):
             return self._maybe_autocast(replica)
         return upstream.fget(self)
 
-    return _Property(value)
+    return value
 
 
 def _direct_assign(self, value):
@@ -57,10 +65,15 @@ def _variable_convert_to_tensor(upstream):
 
 
 def apply(core_module):
-    _core[:] = [core_module]
     variable = core_module.Variable
     edit(core_module, "convert_to_numpy", _convert_to_numpy)
     edit(variable, "_initialize", lambda upstream: _initialize)
-    edit(variable, "value", _value_property)
+    edit_property(variable, "value", _value_property)
     edit(variable, "_convert_to_tensor", _variable_convert_to_tensor)
     edit(variable, "_direct_assign", lambda upstream: _direct_assign)
+    if "_initialize_with_initializer" in vars(variable):  # Keras 3.16
+        edit(
+            variable,
+            "_initialize_with_initializer",
+            _common_initialize_with_initializer,
+        )

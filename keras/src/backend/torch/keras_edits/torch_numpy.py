@@ -9,7 +9,7 @@ Upstream:
   `EinsumDense` run under a column- or row-wise kernel layout.
 """
 
-from keras.src import backend
+from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import dtensor_ops
 from keras.src.backend.torch.keras_edits import edit
 
@@ -17,7 +17,8 @@ from keras.src.backend.torch.keras_edits import edit
 def _sharded_lookup(upstream):
     def lookup(x, indices, axis=None):
         """Stands for `take` and `take_along_axis`."""
-        x, indices = backend.convert_to_tensor(x), backend.convert_to_tensor(indices)
+        x = backend_core.convert_to_tensor(x)
+        indices = backend_core.convert_to_tensor(indices)
         return dtensor_ops.sharded_lookup(upstream, x, indices, axis=axis)
 
     return lookup
@@ -26,7 +27,8 @@ def _sharded_lookup(upstream):
 def _megatron_matmul(upstream):
     def matmul(x1, x2):
         """Stands for `matmul`."""
-        x1, x2 = backend.convert_to_tensor(x1), backend.convert_to_tensor(x2)
+        x1 = backend_core.convert_to_tensor(x1)
+        x2 = backend_core.convert_to_tensor(x2)
         return dtensor_ops.megatron_contraction(upstream, x1, x2)
 
     return matmul
@@ -38,7 +40,7 @@ def _megatron_einsum(upstream):
         def contract(*tensors):
             return upstream(subscripts, *tensors, **kwargs)
 
-        operands = [backend.convert_to_tensor(x) for x in operands]
+        operands = [backend_core.convert_to_tensor(x) for x in operands]
         return dtensor_ops.megatron_contraction(contract, *operands)
 
     return einsum

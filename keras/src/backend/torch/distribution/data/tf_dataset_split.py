@@ -12,8 +12,8 @@ on the others. Here every replica runs every step, some on zero rows.
 TensorFlow reads every element on every process either way.
 """
 
-from keras.src import backend
 from keras.src import tree
+from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution.data.distributed_loader import (
     LocalBlock,
 )
@@ -76,6 +76,6 @@ class _LocalBlocks:
     def __iter__(self):
         for block, rows in self.blocks:
             block = tree.map_structure(
-                backend.convert_to_tensor, block, none_is_leaf=False
+                backend_core.convert_to_tensor, block, none_is_leaf=False
             )
             yield LocalBlock(block, int(rows))

@@ -21,7 +21,7 @@ sharded variable reads only its block.
 
 import io
 
-from keras.src import backend
+from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import process_group
 from keras.src.backend.torch.distribution import variables
 from keras.src.backend.torch.distribution.saving import h5_partial_read
@@ -88,7 +88,7 @@ def gather_saved_values(model, objects_to_skip=None):
     with variables.gathered_ahead(values, record=True):
         walk_saved_values(
             model,
-            lambda name, value: backend.convert_to_numpy(value),
+            lambda name, value: backend_core.convert_to_numpy(value),
             objects_to_skip,
         )
     return values

@@ -49,12 +49,18 @@ def bucketed_sums(first_bucket_bytes, bucket_bytes):
 
 
 def unused_weight_keeps_no_gradient():
+    """The bucketed sums when a weight gets no gradient, next to
+    per-tensor all-reduces of the same gradients."""
     model = _model()
+    expected = _local_gradients(model)
+    for grad in expected.values():
+        dist.all_reduce(grad)
+    model.zero_grad(set_to_none=True)
     extra = torch.nn.Parameter(torch.ones(2))  # Never used.
     weights = list(model.parameters()) + [extra]
     gradient_buckets.GradientBuckets(weights, dist.group.WORLD, 16, 16)
     summed = _local_gradients(model)
-    return extra.grad, summed
+    return extra.grad, expected, summed
 
 
 def partial_gradient_relaid(axis_sizes):
@@ -82,11 +88,13 @@ class GradientBucketsTest(testing.TestCase):
                     self.assertAllClose(summed[name], expected[name])
 
     def test_a_weight_without_gradient_keeps_none(self):
-        for extra_grad, summed in run_on_processes(
+        for extra_grad, expected, summed in run_on_processes(
             2, unused_weight_keeps_no_gradient
         ):
             self.assertIsNone(extra_grad)
             self.assertLen(summed, 4)
+            for name in expected:  # The others are summed all the same.
+                self.assertAllClose(summed[name], expected[name])
 
     def test_partial_gradient_reduced_once_per_axis_larger_than_one(self):
         placements, local, collectives = run_on_processes(

@@ -36,11 +36,17 @@ def _fit(
     x, y = models.data(model_name, samples=30)  # Uneven: 8, 8, 8, 6.
     if evaluate_first:  # A probe of inference steps says nothing of
         model.evaluate(x, y, batch_size=8, verbose=0)  # training steps.
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
-    replicas = route.state_of(model).replicas
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    state = route.state_of(model)
+    replicas = state.replicas
     verdict = replicas.verdicts.get("train") if replicas else None
     predictions = model.predict(x, batch_size=8, verbose=0)
     keras.distribution.set_distribution(None)
+    if jit_compile:  # Whether the forward that ran was compiled.
+        compiled = state.compiled_forward is not None and graphs > 0
+        return history.history["loss"], predictions, verdict, compiled
     return history.history["loss"], predictions, verdict
 
 
@@ -201,10 +207,11 @@ class LocalReplicasTest(testing.TestCase):
 
     def test_jit_compile_compiles_the_local_forward_with_single_numbers(self):
         expected_loss, _, _ = single_process("mlp")
-        for loss, _, route in run_on_processes(
+        for loss, _, route, compiled in run_on_processes(
             2, route_and_numbers, "mlp", True
         ):
             self.assertEqual(route, "local")
+            self.assertTrue(compiled)
             self.assertAllClose(loss, expected_loss, rtol=1e-5)
 
     def test_jit_compile_under_model_parallel_runs_eagerly(self):
@@ -240,6 +247,11 @@ class LocalReplicasTest(testing.TestCase):
     def test_large_outputs_stay_sharded_for_the_loss(self):
         # Past GATHER_BYTES, DTensor computes the loss from the shards: no
         # gather; the loss's sums are all-reduced instead.
-        counts, _ = run_on_processes(2, collectives_per_step, 1, 0)[0]
+        counts, logs = run_on_processes(2, collectives_per_step, 1, 0)[0]
         self.assertNotIn("_allgather_base_", counts)
         self.assertEqual(counts["allreduce_"], 1)
+        # With the numbers of one process.
+        ((_, expected),) = run_on_processes(1, collectives_per_step, 1)
+        self.assertEqual(sorted(logs), sorted(expected))
+        for name in expected:
+            self.assertAllClose(logs[name], expected[name], rtol=1e-5)

@@ -22,11 +22,14 @@ Everything a distribution keeps per model lives in one `StepState`, in
 the model's `__dict__` (out of Keras's attribute tracking).
 """
 
+import contextlib
 import warnings
 
 from torch.distributed.tensor import DTensor
 
+from keras.src import tree
 from keras.src.backend.common import global_state
+from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import dtensor_ops
 from keras.src.backend.torch.distribution.diagnostics import layout_report
 from keras.src.backend.torch.distribution.steps import dtensor_route
@@ -90,6 +93,11 @@ def distributed_step(step_function, model, kind):
 
 
 def _routed(step_function, data, model, state, kind):
+    with _gradients_by_backward(model):
+        return _on_route(step_function, data, model, state, kind)
+
+
+def _on_route(step_function, data, model, state, kind):
     distribution = current_distribution()
     replicas = local_replicas_for(model, state, distribution)
     if replicas is None:
@@ -102,6 +110,30 @@ def _routed(step_function, data, model, state, kind):
         return logs
     with replicas.active():
         return step_function(data)
+
+
+@contextlib.contextmanager
+def _gradients_by_backward(model):
+    """Keras 3.16's `train_step` takes gradients with `torch.autograd.grad`
+    when `jit_compile` is set and the model does not run eagerly. That
+    accumulates nothing, so the hooks that reduce gradients across ranks
+    (`gradient_buckets`) would never fire. Under a distribution the step
+    is not compiled whole anyway (`compiles_whole_steps`): it runs as an
+    eager step, which calls `backward()`; the model's forward pass is still
+    compiled on local replicas."""
+    eager = model.run_eagerly
+    model.run_eagerly = True
+    try:
+        yield
+    finally:
+        model.run_eagerly = eager
+
+
+def as_tensors(data):
+    """`data`'s arrays as tensors, as they are (global batches)."""
+    return tree.map_structure(
+        lambda x: None if x is None else backend_core.convert_to_tensor(x), data
+    )
 
 
 def local_replicas_for(model, state, distribution):

@@ -32,6 +32,7 @@ from torch.utils import _pytree
 
 from keras.src import backend
 from keras.src.backend.common.name_scope import current_path
+from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution.layouts import shards
 from keras.src.backend.torch.distribution.torch_modules import plans
 from keras.src.distribution import TensorLayout
@@ -134,7 +135,7 @@ def load_own_variables(wrapper, store):
         if key in variables:
             variables[key].assign(store[key])
         else:
-            buffers[key] = backend.convert_to_tensor(store[key])
+            buffers[key] = backend_core.convert_to_tensor(store[key])
     result = wrapper.module.load_state_dict(buffers, strict=False)
     missing = [k for k in result.missing_keys if k not in variables]
     if missing or result.unexpected_keys:
