@@ -34,12 +34,15 @@ class BenchmarkSmokeTest(testing.TestCase):
         summary = json.loads(completed.stdout.splitlines()[-1])
         for field in FIELDS:
             self.assertIn(field, summary)
-        # Counted, not timed: model parallelism communicates no more than
-        # hand-written tensor parallelism, and shards its bytes.
-        self.assertLessEqual(
+        # Counted, not timed: model parallelism communicates as much as
+        # hand-written tensor parallelism (which does communicate), and
+        # each of 2 ranks holds about half of one process's bytes.
+        self.assertGreater(summary["tp_collectives_per_step"], 0)
+        self.assertEqual(
             summary["mp_collectives_per_step"],
             summary["tp_collectives_per_step"],
         )
         self.assertLessEqual(
-            summary["mp_bytes_per_rank"], summary["mp_bytes_bound"]
+            summary["mp_bytes_per_rank"],
+            0.55 * summary["mp_bytes_single_process"],
         )

@@ -6,6 +6,10 @@ and once on 2 or 4 real gloo processes under a distribution.
 """
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 
 from absl.testing import parameterized
 from torch.distributed.tensor import DTensor
@@ -150,6 +154,28 @@ def train_with_dropout():
     return history.history["loss"], replicated
 
 
+def plain_keras_reference():
+    """`train("transformer", None, OPTIMIZERS)` by Keras without this
+    package, in a fresh interpreter."""
+    script = os.path.join(os.path.dirname(__file__), "plain_keras_reference.py")
+    env = dict(
+        os.environ,
+        KERAS_BACKEND="torch",
+        KERAS_TORCH_DISTRIBUTION="builtin",
+        OMP_NUM_THREADS="1",
+    )
+    result = subprocess.run(
+        [sys.executable, script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if result.returncode != 0:
+        raise AssertionError(result.stderr[-3000:])
+    return json.loads(result.stdout.splitlines()[-1])
+
+
 class ParityTest(testing.TestCase):
     references = {}
 
@@ -161,6 +187,16 @@ class ParityTest(testing.TestCase):
     def assert_ranks_match(self, results, expected):
         for rank, result in enumerate(results):
             self.assertAllClose(result, expected, rtol=RTOL, atol=0, msg=rank)
+
+    def test_reference_equals_plain_keras(self):
+        # The single-process side of every parity test is Keras's own
+        # numbers: this package changes nothing without a distribution.
+        plain = plain_keras_reference()
+        self.assertFalse(plain["grafted"])
+        expected = self.reference(
+            "transformer", train, "transformer", None, OPTIMIZERS
+        )
+        self.assertEqual(plain["histories"], expected)
 
     @parameterized.product(
         model_name=("mlp", "cnn", "transformer"),

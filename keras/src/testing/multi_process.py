@@ -37,7 +37,9 @@ class MultiProcessError(AssertionError):
     """A test body failed, or did not finish, on some ranks."""
 
 
-def run_on_processes(num_processes, fn, *args, timeout=JOB_TIMEOUT_SECONDS):
+def run_on_processes(
+    num_processes, fn, *args, timeout=JOB_TIMEOUT_SECONDS, backend=None
+):
     """Calls `fn(*args)` on each rank of a `num_processes` process group.
 
     Args:
@@ -45,18 +47,23 @@ def run_on_processes(num_processes, fn, *args, timeout=JOB_TIMEOUT_SECONDS):
         fn: a module-level function; its return value must pickle.
         *args: picklable arguments, the same for every rank.
         timeout: seconds before the call fails and the pool is replaced.
+        backend: a backend string for a group the workers start themselves
+            before Keras does (`"cuda:gloo"` behaves as NCCL does towards
+            CPU tensors); by default `keras.distribution.initialize()`
+            starts it.
 
     Returns:
         The list of per-rank return values, in rank order.
     """
-    pool = _pools.get(num_processes)
+    key = (num_processes, backend)
+    pool = _pools.get(key)
     if pool is None or not pool.alive():
-        pool = _pools[num_processes] = WorkerPool(num_processes)
+        pool = _pools[key] = WorkerPool(num_processes, backend)
     try:
         return pool.run(fn, args, timeout)
     except MultiProcessError:
         if not pool.alive():
-            _pools.pop(num_processes, None)
+            _pools.pop(key, None)
         raise
 
 
@@ -71,7 +78,7 @@ atexit.register(shutdown)
 
 
 class WorkerPool:
-    def __init__(self, num_processes):
+    def __init__(self, num_processes, backend=None):
         context = multiprocessing.get_context("spawn")
         port = _free_port()
         self.connections, self.processes = [], []
@@ -79,7 +86,7 @@ class WorkerPool:
             ours, theirs = context.Pipe()
             process = context.Process(
                 target=_worker_main,
-                args=(rank, num_processes, port, theirs),
+                args=(rank, num_processes, port, theirs, backend),
                 name=f"keras-test-rank-{rank}",
                 # Not daemonic: a test body may start processes of its own
                 # (DataLoader workers). `shutdown` closes the pools at exit,
@@ -167,7 +174,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker_main(rank, world_size, port, connection):
+def _worker_main(rank, world_size, port, connection, backend=None):
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -179,6 +186,8 @@ def _worker_main(rank, world_size, port, connection):
 
     torch.set_num_threads(1)  # Several ranks share this machine's cores.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if backend is not None:  # A group the user starts, before Keras.
+        torch.distributed.init_process_group(backend=backend)
     import keras
 
     keras.distribution.initialize()

@@ -248,7 +248,7 @@ def _to_backend_mesh(device_mesh):
         torch_device_type = TORCH_DEVICE_TYPES[device_type]
         override = None
         if not _group_serves(torch_device_type):
-            override = {name: "gloo" for name in axis_names}
+            override = (("gloo", None),) * len(axis_names)
         mesh = TorchDeviceMesh(
             torch_device_type,
             torch.from_numpy(ranks),

@@ -24,6 +24,8 @@ The gaps between Keras's torch code and DTensor, closed here:
 - A view that is valid on the global tensor can be invalid on a local
   shard whose strides differ (seen in einsum backward): views of sharded
   tensors run as reshapes, which copy only then.
+- A rank whose block of a batch is empty runs attention with a kernel that
+  takes an empty batch (`attention_kernels_for`).
 """
 
 import contextlib
@@ -40,6 +42,8 @@ from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
 from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy
 from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.placement_types import _MaskPartial
+from torch.nn.attention import SDPBackend
+from torch.nn.attention import sdpa_kernel
 
 aten = torch.ops.aten
 
@@ -344,6 +348,40 @@ def _mask_placement(mask_shape, dim):
     return Shard(mask_dim)
 
 
+def lay_out_attention_inputs(query, key, value):
+    """`query`, `key` and `value` laid out alike, split at most along the
+    batch and the heads (dims 0 and 2 of `(batch, length, heads,
+    head_dim)`): attention computes each batch row and head apart, so those
+    splits need no communication, while the others would mix shards.
+
+    Keras 3.16's torch attention computes on the local blocks of DTensor
+    inputs and labels the result with the query's layout, assuming the
+    three share it; a key or value laid out otherwise (KerasHub's Llama
+    under its layout map on a 2-D mesh) gave outputs with the wrong number
+    of heads. On Keras 3.15 this spares DTensor the same redistribution.
+    """
+    tensors = (query, key, value)
+    dtensors = [t for t in tensors if isinstance(t, DTensor)]
+    if not dtensors:
+        return tensors
+    mesh = dtensors[0].device_mesh
+    reference = query if isinstance(query, DTensor) else dtensors[0]
+    placements = [
+        p if p.is_shard() and p.dim in (0, 2) else Replicate()
+        for p in reference.placements
+    ]
+    laid_out = []
+    for tensor in tensors:
+        if not isinstance(tensor, DTensor):
+            tensor = DTensor.from_local(
+                tensor, mesh, [Replicate()] * mesh.ndim, run_check=False
+            )
+        if tuple(tensor.placements) != tuple(placements):
+            tensor = tensor.redistribute(mesh, placements)
+        laid_out.append(tensor)
+    return tuple(laid_out)
+
+
 def lay_out_attention_mask(mask, query):
     """Lays an attention mask (or bias) out like `query` splits its batch and
     heads, so that attention redistributes neither.
@@ -367,6 +405,24 @@ def lay_out_attention_mask(mask, query):
         for p in query.placements
     ]
     return mask.redistribute(mesh, placements)
+
+
+@contextlib.contextmanager
+def attention_kernels_for(query):
+    """Inside, attention on `query` runs a kernel that takes an empty batch.
+
+    A rank's block of a last, small batch can have no rows (22 samples in
+    batches of 8 on 4 ranks end with 2+2+2+0), and CUDA's flash and cuDNN
+    attention kernels reject a batch of 0 ("batch size must be positive").
+    For such a block the math kernel runs, which returns an empty output
+    of the right shape; other blocks keep torch's choice of kernel.
+    """
+    local = query.to_local() if isinstance(query, DTensor) else query
+    if local.ndim == 0 or local.shape[0] > 0:
+        yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 def _register_convolution(propagator):

@@ -131,13 +131,11 @@ def inplace_update_of_a_2d_sharded_weight():
 
 def attention(placement, mask_shape):
     """Keras's dot_product_attention with a mask, inputs split `placement`."""
-    from keras.src.backend.torch import nn
-
     mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(9))
     mask = mask > 0.3
 
     def attend(query, key, value):
-        return nn.dot_product_attention(query, key, value, mask=mask)
+        return keras.ops.dot_product_attention(query, key, value, mask=mask)
 
     shape = (4, 6, 2, 8)  # (batch, length, heads, head_dim)
     return _compare(attend, [shape] * 3, (2,), [[placement]] * 3)

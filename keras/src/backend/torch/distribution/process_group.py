@@ -67,6 +67,7 @@ def start(job_addresses=None, num_processes=None, process_id=None):
     or checks the arguments against the one already running."""
     if dist.is_initialized():
         check_running_group(num_processes, process_id)
+        _adopt()
         return
     settings = process_group_settings(
         job_addresses, num_processes, process_id, os.environ
@@ -74,10 +75,7 @@ def start(job_addresses=None, num_processes=None, process_id=None):
     device = select_device(settings.local_rank)
     timeout = collective_timeout()
     _bounded_rendezvous(settings, device, timeout)
-    watch = None
-    if settings.world_size > 1:
-        watch = failure_watch.start(settings.rank, settings.world_size, timeout)
-    atexit.register(shut_down_at_exit, watch)
+    _adopt()
     agree_on_random_seed()
 
 
@@ -95,7 +93,25 @@ def ensure_started():
             rank=0,
             world_size=1,
         )
-        atexit.register(shut_down_at_exit, None)
+    _adopt()
+
+
+_adopted = []
+
+
+def _adopt():
+    """Watches the running group for failures and ends it at exit, once,
+    whoever started it (this package, or the user before Keras)."""
+    if _adopted:
+        return
+    watch = None
+    world_size = dist.get_world_size()
+    if world_size > 1:
+        watch = failure_watch.start(
+            dist.get_rank(), world_size, collective_timeout()
+        )
+    _adopted.append(watch)
+    atexit.register(shut_down_at_exit, watch)
 
 
 def is_started():
@@ -329,6 +345,7 @@ def shut_down_at_exit(watch):
     if dist.is_initialized():
         dist.destroy_process_group()
     _control.clear()
+    _adopted.clear()
     for hook in _on_shut_down:
         hook()
     time.sleep(GIL_RELEASE_AT_EXIT_SECONDS)

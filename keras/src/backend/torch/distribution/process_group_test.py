@@ -2,11 +2,18 @@
 launcher's environment; its timeout."""
 
 import os
+import subprocess
+import sys
+import textwrap
 
+import torch
 from absl.testing import parameterized
 
+import keras
 from keras.src import testing
+from keras.src.backend.torch import distribution_lib
 from keras.src.backend.torch.distribution import process_group
+from keras.src.testing.multi_process import run_on_processes
 
 
 class ProcessGroupSettingsTest(testing.TestCase):
@@ -76,3 +83,106 @@ class ProcessGroupSettingsTest(testing.TestCase):
             with self.assertRaisesRegex(ValueError, repr(value)):
                 process_group.collective_timeout()
         del os.environ[process_group.TIMEOUT_ENV]
+
+
+class _FakeCuda:
+    """`torch.cuda` as a host with `count` GPUs shows it; records the
+    devices selected."""
+
+    def __init__(self, count):
+        self.count, self.selected = count, []
+
+    def is_available(self):
+        return True
+
+    def device_count(self):
+        return self.count
+
+    def set_device(self, index):
+        self.selected.append(index)
+
+
+class DeviceSelectionTest(testing.TestCase):
+    def select(self, count, environ):
+        fake = _FakeCuda(count)
+        names = ("is_available", "device_count", "set_device")
+        saved = {name: getattr(torch.cuda, name) for name in names}
+        saved_environ = dict(os.environ)
+        try:
+            for name in names:
+                setattr(torch.cuda, name, getattr(fake, name))
+            for name in process_group.LOCAL_RANK_ENV:
+                os.environ.pop(name, None)
+            os.environ.update(environ)
+            device = process_group.select_device()
+        finally:
+            for name, value in saved.items():
+                setattr(torch.cuda, name, value)
+            os.environ.clear()
+            os.environ.update(saved_environ)
+        return device, fake.selected
+
+    def test_the_local_rank_of_each_launcher_picks_the_gpu(self):
+        for name in process_group.LOCAL_RANK_ENV:
+            device, selected = self.select(4, {name: "3"})
+            self.assertEqual(device, torch.device("cuda", 3))
+            self.assertEqual(selected, [3])
+
+    def test_no_launcher_selects_nothing(self):
+        self.assertEqual(self.select(4, {}), (None, []))
+
+    def test_more_processes_than_gpus_is_an_error(self):
+        with self.assertRaisesRegex(
+            ValueError, "local rank 2 but its host has 2 visible GPUs.*"
+            "--nproc_per_node 2"
+        ):
+            self.select(2, {"LOCAL_RANK": "2"})
+
+    def test_the_gpu_is_chosen_when_keras_is_imported(self):
+        # Before any keras.distribution call: anything Keras creates then
+        # is on this process's GPU.
+        code = textwrap.dedent(
+            """
+            import torch
+            selected = []
+            torch.cuda.is_available = lambda: True
+            torch.cuda.device_count = lambda: 2
+            torch.cuda.set_device = selected.append
+            import keras
+            print(selected)
+            """
+        )
+        env = dict(os.environ, KERAS_BACKEND="torch", LOCAL_RANK="1")
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertEqual(result.stdout.splitlines()[-1], "[1]", result.stderr)
+
+
+def mesh_group_timeouts():
+    """The timeouts of the groups a 2 x 2 mesh made, in seconds."""
+    os.environ[process_group.TIMEOUT_ENV] = "123"
+    distribution_lib._torch_meshes.clear()  # New groups, made now.
+    try:
+        mesh = keras.distribution.DeviceMesh(
+            (2, 2), ["batch", "model"], keras.distribution.list_devices()
+        )
+        torch_mesh = mesh.backend_mesh
+        return [
+            torch_mesh.get_group(axis)
+            ._get_backend(torch.device("cpu"))
+            .options._timeout.total_seconds()
+            for axis in range(2)
+        ]
+    finally:
+        del os.environ[process_group.TIMEOUT_ENV]
+
+
+class GroupTimeoutTest(testing.TestCase):
+    def test_mesh_axis_groups_wait_the_distribution_timeout(self):
+        for timeouts in run_on_processes(4, mesh_group_timeouts):
+            self.assertEqual(timeouts, [123.0, 123.0])

@@ -3,12 +3,15 @@
 Upstream, the torch branch of the backend import loads the torch
 distribution library instead of setting `distribution_lib = None`, exactly as
 the JAX branch does (and `keras/src/backend/torch/__init__.py` gains
-`from keras.src.backend.torch import distribution_lib`).
+`from keras.src.backend.torch import distribution_lib`). Under a launcher,
+on CUDA, it also makes the local rank's GPU this process's device, before
+anything Keras creates lands on `cuda:0`.
 """
 
 import sys
 
 from keras.src.backend.torch import distribution_lib
+from keras.src.backend.torch.distribution import process_group
 from keras.src.backend.torch.keras_edits import internals
 from keras.src.backend.torch.keras_edits import set_attribute
 
@@ -20,4 +23,5 @@ def apply(backend_module):
     torch_backend = sys.modules["keras.src.backend.torch"]
     for owner in (torch_backend, backend_module):
         set_attribute(owner, "distribution_lib", distribution_lib, __name__)
+    process_group.select_device()
     internals.warn_if_untested_keras()

@@ -7,6 +7,7 @@ import unittest
 
 import keras
 from keras.src import testing
+from keras.src.backend.torch.distribution.data import tf_dataset_split
 from keras.src.testing import distribution_test_models as models
 from keras.src.testing import sample_ids
 from keras.src.testing.multi_process import run_on_processes
@@ -105,3 +106,29 @@ class TFDatasetSplitTest(testing.TestCase):
     def test_an_unbatched_dataset_is_refused_on_every_rank(self):
         for message in run_on_processes(2, fit_unbatched):
             self.assertIn("must be batched", message)
+
+
+class _FakeTensorFlow:
+    """`tf.config` as TensorFlow shows it, before or after it used GPUs."""
+
+    def __init__(self, initialized):
+        self.initialized, self.hidden = initialized, []
+        self.config = self
+
+    def set_visible_devices(self, devices, device_type):
+        if self.initialized:
+            raise RuntimeError(
+                "Visible devices cannot be modified after being initialized"
+            )
+        self.hidden.append((devices, device_type))
+
+
+class TensorFlowOffTheGpusTest(testing.TestCase):
+    def test_tensorflow_for_data_only_is_kept_off_the_gpus(self):
+        # TensorFlow would otherwise reserve most of every GPU's memory.
+        tf = _FakeTensorFlow(initialized=False)
+        tf_dataset_split.hide_gpus_from(tf)
+        self.assertEqual(tf.hidden, [([], "GPU")])
+        tf = _FakeTensorFlow(initialized=True)  # Too late: left as it is.
+        tf_dataset_split.hide_gpus_from(tf)
+        self.assertEqual(tf.hidden, [])

@@ -74,7 +74,55 @@ def partial_gradient_relaid(axis_sizes):
     return tuple(relaid.placements), relaid.to_local(), comm.get_total_counts()
 
 
+class _FailsInBackward(torch.autograd.Function):
+    """Identity whose backward raises: backward stops between layers, as
+    when a CUDA out-of-memory error is caught."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("out of memory (simulated)")
+
+
+def a_step_after_an_aborted_backward():
+    """16-byte buckets; a first backward aborts after the last layer's
+    gradients launched their buckets; the next step must sum as per-tensor
+    all-reduces do."""
+    model = _model()
+    expected = _local_gradients(model)
+    for grad in expected.values():
+        dist.all_reduce(grad)
+    model.zero_grad(set_to_none=True)
+    buckets = gradient_buckets.GradientBuckets(
+        list(model.parameters()), dist.group.WORLD, 16, 16
+    )
+    buckets.start_step()
+    hidden = _FailsInBackward.apply(model[1](model[0](torch.randn(4, 6))))
+    try:
+        model[2](hidden).square().sum().backward()
+    except RuntimeError as error:
+        aborted = str(error)
+    launched_before = len(buckets.launched)
+    model.zero_grad(set_to_none=True)
+    buckets.start_step()  # The next step.
+    summed = _local_gradients(model)
+    buckets.remove()
+    return aborted, launched_before, expected, summed
+
+
 class GradientBucketsTest(testing.TestCase):
+    def test_a_step_after_an_aborted_backward_starts_clean(self):
+        for aborted, launched, expected, summed in run_on_processes(
+            2, a_step_after_an_aborted_backward
+        ):
+            self.assertIn("simulated", aborted)
+            self.assertGreater(launched, 0)  # It left buckets in flight.
+            for name in expected:
+                self.assertAllClose(summed[name], expected[name])
+
     def test_bucketed_sums_equal_per_tensor_sums(self):
         # One bucket for everything; or 16-byte buckets, filled in reverse
         # creation order: [last bias (12 B), last kernel], [first bias],

@@ -20,6 +20,7 @@ def _fit(
     data_parallel,
     jit_compile=False,
     evaluate_first=False,
+    samples=30,  # Uneven: 8, 8, 8, 6.
     **compile_args,
 ):
     keras.utils.set_random_seed(7)
@@ -33,7 +34,7 @@ def _fit(
         jit_compile=jit_compile,
         **compile_args,
     )
-    x, y = models.data(model_name, samples=30)  # Uneven: 8, 8, 8, 6.
+    x, y = models.data(model_name, samples=samples)
     if evaluate_first:  # A probe of inference steps says nothing of
         model.evaluate(x, y, batch_size=8, verbose=0)  # training steps.
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -177,7 +178,32 @@ def _collectives_per_step(metric_count):
     return counts, logs
 
 
+def transformer_with_an_empty_block(data_parallel):
+    """Trains the transformer on 22 samples in batches of 8: on 4 ranks the
+    last batch splits 2+2+2+0. Attention refuses a batch of 0 as CUDA's
+    flash and cuDNN kernels do, unless only the math kernel may run."""
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def like_cuda(query, *args, **kwargs):
+        local = query.to_local() if hasattr(query, "to_local") else query
+        if local.shape[0] == 0 and torch.backends.cuda.flash_sdp_enabled():
+            raise RuntimeError("batch size must be positive")
+        return real(query, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = like_cuda
+    try:
+        losses, _, _ = _fit("transformer", data_parallel, samples=22)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+    return losses
+
+
 class LocalReplicasTest(testing.TestCase):
+    def test_an_empty_block_runs_attention_that_takes_it(self):
+        expected = transformer_with_an_empty_block(False)
+        for losses in run_on_processes(4, transformer_with_an_empty_block, True):
+            self.assertAllClose(losses, expected, rtol=1e-5)
+
     def test_plain_models_train_on_local_replicas_with_single_numbers(self):
         for name in ("mlp", "transformer"):
             expected_loss, expected_predictions, _ = single_process(name)

@@ -32,6 +32,7 @@ from keras.src.backend.common import global_state
 from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import dtensor_ops
 from keras.src.backend.torch.distribution.diagnostics import layout_report
+from keras.src.backend.torch.distribution.diagnostics import replica_check
 from keras.src.backend.torch.distribution.steps import dtensor_route
 from keras.src.backend.torch.distribution.steps import gradient_buckets
 from keras.src.backend.torch.distribution.steps import local_replicas
@@ -48,6 +49,7 @@ class StepState:
         compiled_forward: the model's compiled `call` (`jit_compile`).
         warned_eager: whether the "runs eagerly" warning was given.
         layout_checked: whether the layout report ran.
+        train_steps: training steps run (for the replica check).
     """
 
     def __init__(self):
@@ -56,6 +58,7 @@ class StepState:
         self.compiled_forward = None
         self.warned_eager = False
         self.layout_checked = False
+        self.train_steps = 0
 
 
 def state_of(model):
@@ -86,6 +89,11 @@ def distributed_step(step_function, model, kind):
         if not state.layout_checked:
             state.layout_checked = True
             layout_report.check(model, distribution)
+        if kind == "train":
+            state.train_steps += 1
+            every = replica_check.interval()
+            if every and state.train_steps % every == 0:
+                replica_check.check(model, state.train_steps)
         return logs
 
     step.upstream = step_function
