@@ -19,6 +19,8 @@ last line one JSON object of ratios, each between two numbers of this run:
 - `mp_torch_module_*`: the same PyTorch blocks inside a Keras
   `TorchModuleWrapper`, laid out by a LayoutMap (torch's parallel styles),
   against the same plain tensor parallelism.
+- `data_check_ratio_vs_short_fit`: the check that every rank passed the
+  same arrays, against a short `fit` (`data_check.py`).
 
 Every process runs one thread (`torch.set_num_threads(1)`): on this
 machine's 2 cores, 2 ranks get one core each, and so does the baseline.
@@ -61,6 +63,26 @@ def launch(mode, processes, rounds, steps):
         for line in completed.stdout.splitlines()
         if line.startswith("RESULT ")
     ]
+
+
+def data_check(processes):
+    """`{"data_check_ms", "short_fit_ms"}` from `data_check.py`."""
+    command = [sys.executable, "-m", "torch.distributed.run"]
+    command += ["--nproc_per_node", str(processes)]
+    command += [os.path.join(HERE, "data_check.py")]
+    environ = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
+    completed = subprocess.run(
+        command, env=environ, capture_output=True, text=True
+    )
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stdout + completed.stderr)
+        raise SystemExit("data check measurement failed")
+    (line,) = [
+        line
+        for line in completed.stdout.splitlines()
+        if line.startswith("DATACHECK ")
+    ]
+    return json.loads(line[len("DATACHECK ") :])
 
 
 def find(results, **config):
@@ -195,8 +217,14 @@ def main():
     rounds, steps = (1, 3) if args.smoke else (args.rounds, args.steps)
     results = launch("single", args.processes, rounds, steps)
     results += launch("distributed", args.processes, rounds, steps)
+    summary = compare(results, args.processes)
+    check = data_check(args.processes)
+    summary.update(check)
+    summary["data_check_ratio_vs_short_fit"] = (
+        check["data_check_ms"] / check["short_fit_ms"]
+    )
     print(table(results))
-    print(json.dumps(compare(results, args.processes)))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -118,3 +118,31 @@ class LaunchTest(testing.TestCase):
             ]
         self.assertLen(losses[2], 3)
         self.assertAllClose(losses[2], losses[1], rtol=1e-5, atol=0)
+
+    def test_readme_example_runs_as_written(self):
+        # The README's example is examples/quickstart.py, after its
+        # docstring; on 2 processes it prints one process's losses.
+        script = os.path.join(REPO, "examples", "quickstart.py")
+        with open(os.path.join(REPO, "README.md")) as f:
+            readme = f.read()
+        with open(script) as f:
+            code = f.read()
+        body = code[code.index('"""\n\n', 3) + 5 :]
+        self.assertIn(f"```python\n{body}```", readme)
+        launches = {
+            1: [sys.executable, script],
+            2: [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            + ["--nproc_per_node=2", script],
+        }
+        losses = {}
+        for count, command in launches.items():
+            result = subprocess.run(
+                command, env=ENV, capture_output=True, text=True, timeout=300
+            )
+            self.assertEqual(result.returncode, 0, result.stderr)
+            printed = re.findall(r"losses \[(.*)\]", result.stdout)
+            self.assertLen(printed, 1, result.stdout)  # Rank 0 alone.
+            losses[count] = [float(v) for v in printed[0].split(",")]
+        self.assertLen(losses[2], 3)
+        self.assertAllClose(losses[2], losses[1], rtol=1e-5, atol=0)
+
