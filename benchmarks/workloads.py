@@ -9,8 +9,11 @@ parallel step, run on one process as its ideal, communication-free cost.
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor.parallel import ColwiseParallel
+from torch.distributed.tensor.parallel import RowwiseParallel
 
 import keras
+from keras.src.testing import distribution_test_models
 
 CASES = {
     # name: (kind, global batch)
@@ -143,9 +146,6 @@ def torch_loss(case):
 
 def tensor_parallel_plan():
     """The hand-written Megatron plan for `TorchBlocks`."""
-    from torch.distributed.tensor.parallel import ColwiseParallel
-    from torch.distributed.tensor.parallel import RowwiseParallel
-
     plan = {}
     for block in ("mlp_0", "mlp_1"):
         plan[f"{block}.up"] = ColwiseParallel()
@@ -173,8 +173,6 @@ def keras_mlp():
 
 
 def keras_transformer():
-    from keras.src.testing import distribution_test_models
-
     return distribution_test_models.transformer()
 
 

@@ -99,22 +99,30 @@ class LaunchTest(testing.TestCase):
             self.assertEqual(view["mesh"], [2])
         self.assertEqual(views[0]["random"], views[1]["random"])
 
-    def test_transformer_example_matches_single_process(self):
-        script = os.path.join(REPO, "examples", "transformer_model_parallel.py")
+    def outputs_on_1_and_2_processes(self, script):
+        """The script's output, run as one process and under torchrun on
+        2, each checked to exit 0."""
         launches = {
             1: [sys.executable, script],
             2: [sys.executable, "-m", "torch.distributed.run", "--standalone"]
             + ["--nproc_per_node=2", script],
         }
-        losses = {}
+        outputs = {}
         for count, command in launches.items():
             result = subprocess.run(
                 command, env=ENV, capture_output=True, text=True, timeout=300
             )
             self.assertEqual(result.returncode, 0, result.stderr)
-            self.assertIn(f"{count} process(es)", result.stdout)
+            outputs[count] = result.stdout
+        return outputs
+
+    def test_transformer_example_matches_single_process(self):
+        script = os.path.join(REPO, "examples", "transformer_model_parallel.py")
+        losses = {}
+        for count, output in self.outputs_on_1_and_2_processes(script).items():
+            self.assertIn(f"{count} process(es)", output)
             losses[count] = [
-                float(v) for v in re.findall(r"loss ([\d.]+)", result.stdout)
+                float(v) for v in re.findall(r"loss ([\d.]+)", output)
             ]
         self.assertLen(losses[2], 3)
         self.assertAllClose(losses[2], losses[1], rtol=1e-5, atol=0)
@@ -129,20 +137,10 @@ class LaunchTest(testing.TestCase):
             code = f.read()
         body = code[code.index('"""\n\n', 3) + 5 :]
         self.assertIn(f"```python\n{body}```", readme)
-        launches = {
-            1: [sys.executable, script],
-            2: [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-            + ["--nproc_per_node=2", script],
-        }
         losses = {}
-        for count, command in launches.items():
-            result = subprocess.run(
-                command, env=ENV, capture_output=True, text=True, timeout=300
-            )
-            self.assertEqual(result.returncode, 0, result.stderr)
-            printed = re.findall(r"losses \[(.*)\]", result.stdout)
-            self.assertLen(printed, 1, result.stdout)  # Rank 0 alone.
+        for count, output in self.outputs_on_1_and_2_processes(script).items():
+            printed = re.findall(r"losses \[(.*)\]", output)
+            self.assertLen(printed, 1, output)  # Rank 0 alone.
             losses[count] = [float(v) for v in printed[0].split(",")]
         self.assertLen(losses[2], 3)
         self.assertAllClose(losses[2], losses[1], rtol=1e-5, atol=0)
-

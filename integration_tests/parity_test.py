@@ -16,8 +16,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 
 import keras
-from keras.src.testing import distribution_test_models as parity_models
 from keras.src import testing
+from keras.src.testing import distribution_test_models as parity_models
 from keras.src.testing.multi_process import run_on_processes
 
 SEED = 7
@@ -79,9 +79,8 @@ def train(model_name, distribution_name, optimizer_names, options=None):
 def train_backbone(name, mesh_shape):
     """Runs on every rank: the loss history of a tiny KerasHub LLM with a
     language-model head, under the backbone's own layout map."""
-    import numpy as np
-
     import keras_hub
+    import numpy as np
 
     keras.utils.set_random_seed(SEED)
     backbone_class = {

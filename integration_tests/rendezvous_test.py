@@ -52,9 +52,7 @@ def finish(processes):
         except subprocess.TimeoutExpired:
             process.kill()
             _, stderr = process.communicate()
-        results.append(
-            (process.returncode, time.monotonic() - started, stderr)
-        )
+        results.append((process.returncode, time.monotonic() - started, stderr))
     return results
 
 
@@ -98,7 +96,9 @@ class RendezvousTest(testing.TestCase):
         # Process 0 cannot listen; process 1 reached the other program.
         self.assertIn("port at 127.0.0.1", results[0][2])
         self.assertIn("is in use", results[0][2])
-        self.assertIn("another program, not a torch process group", results[1][2])
+        self.assertIn(
+            "another program, not a torch process group", results[1][2]
+        )
 
     def test_two_processes_with_the_same_process_id(self):
         results = finish(start_processes(f"127.0.0.1:{free_port()}", (1, 1)))

@@ -182,6 +182,8 @@ def _worker_main(rank, world_size, port, connection, backend=None):
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    # Imported here, in the worker: after the launcher's variables are set,
+    # and never in the parent, which only hands out jobs.
     import torch
 
     torch.set_num_threads(1)  # Several ranks share this machine's cores.
@@ -204,7 +206,7 @@ def _worker_main(rank, world_size, port, connection, backend=None):
 
 
 def _run_job(module_name, module_file, qualname, args):
-    import keras
+    import keras  # In the worker only (see `_worker_main`).
 
     fn = _import_module(module_name, module_file)
     for name in qualname.split("."):

@@ -193,7 +193,9 @@ class StandInKerasTest(testing.TestCase):
             mode="mine",
         )
         self.assertNotEqual(result.returncode, 0)
-        self.assertIn("KERAS_TORCH_DISTRIBUTION='mine': use 'builtin'", result.stderr)
+        self.assertIn(
+            "KERAS_TORCH_DISTRIBUTION='mine': use 'builtin'", result.stderr
+        )
 
     def test_warns_once_on_untested_keras(self):
         metadata = "Metadata-Version: 2.1\nName: keras\nVersion: 3.99.0\n"

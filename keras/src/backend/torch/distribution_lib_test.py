@@ -4,14 +4,12 @@ Bodies whose answer depends on the world run on 1, 2 and 4 real gloo
 processes through `multi_process.run_on_processes`.
 """
 
-import os
 import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from absl.testing import parameterized
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
 
@@ -19,7 +17,6 @@ import keras
 from keras.src import testing
 from keras.src.backend.torch import distribution_lib
 from keras.src.distribution import DeviceMesh
-from keras.src.distribution import LayoutMap
 from keras.src.distribution import TensorLayout
 from keras.src.testing.multi_process import run_on_processes
 
@@ -278,7 +275,9 @@ class MeshAndLayoutTest(testing.TestCase):
     def test_tensor_layout_accepts_axis_tuples(self):
         mesh = DeviceMesh(*MESH_2X2, [f"cpu:{i}" for i in range(4)])
         TensorLayout((("batch", "model"), None), mesh)
-        with self.assertRaisesRegex(ValueError, r"\['data'\].*device mesh does not"):
+        with self.assertRaisesRegex(
+            ValueError, r"\['data'\].*device mesh does not"
+        ):
             TensorLayout((("batch", "data"), None), mesh)
 
 

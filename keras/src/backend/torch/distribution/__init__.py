@@ -32,6 +32,8 @@ this package:
     from keras.src.backend.torch.distribution import save_sharded
 """
 
+import importlib
+
 _PUBLIC = {
     "save_sharded": "keras.src.backend.torch.distribution.saving.sharded",
     "load_sharded": "keras.src.backend.torch.distribution.saving.sharded",
@@ -44,6 +46,4 @@ def __getattr__(name):
     while Keras itself is, before what they need can be."""
     if name not in _PUBLIC:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
     return getattr(importlib.import_module(_PUBLIC[name]), name)

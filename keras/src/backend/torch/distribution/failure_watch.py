@@ -22,6 +22,7 @@ small record through the default process group's store:
   or torchrun's agent) exited, which is also how a finished job ends. The
   collective timeout bounds the rest.
 """
+
 import faulthandler
 import os
 import sys

@@ -27,7 +27,10 @@ def check_axes(axes, device_mesh):
         return
     allowed = list(device_mesh.axis_names)
     unknown = [
-        name for axis in axes for name in mesh_axes_of(axis) if name not in allowed
+        name
+        for axis in axes
+        for name in mesh_axes_of(axis)
+        if name not in allowed
     ]
     if unknown:
         # Keras's words first: code and tests match them.

@@ -404,10 +404,12 @@ def _bounded_rendezvous(settings, device, timeout):
         raise RuntimeError(
             f"Process {settings.rank} of {settings.world_size} could not "
             f"join the process group at {where} within {seconds:.0f} s "
-            f"({TIMEOUT_ENV}) and {RENDEZVOUS_MARGIN_SECONDS} s. Likely causes: another program, not a torch "
-            "process group, is listening on that port; some processes never "
+            f"({TIMEOUT_ENV}) and {RENDEZVOUS_MARGIN_SECONDS} s. Likely "
+            "causes: another program, not a torch process group, is "
+            "listening on that port; some processes never "
             "started; or the processes disagree on num_processes or "
-            "process_id (each process needs its own, one of them 0)."
+            "process_id (each process needs its own; one needs "
+            "process_id=0)."
         )
     error = outcome["error"]
     text = str(error)
@@ -421,7 +423,7 @@ def _bounded_rendezvous(settings, device, timeout):
         cause = (
             f"nothing answered at {where} within {seconds:.0f} s: process 0 "
             "never started there, or no process was given process_id=0 "
-            "(each process needs its own process_id, one of them 0)"
+            "(each process needs its own process_id)"
         )
     else:
         raise error
@@ -435,9 +437,7 @@ def _bounded_rendezvous(settings, device, timeout):
 def _coordinator(settings):
     if settings.init_method.startswith("tcp://"):
         return settings.init_method[len("tcp://") :]
-    return (
-        f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-    )
+    return f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
 
 
 def _argument_or_environ(argument_name, value, environ_name, environ):

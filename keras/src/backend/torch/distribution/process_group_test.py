@@ -133,8 +133,8 @@ class DeviceSelectionTest(testing.TestCase):
 
     def test_more_processes_than_gpus_is_an_error(self):
         with self.assertRaisesRegex(
-            ValueError, "local rank 2 but its host has 2 visible GPUs.*"
-            "--nproc_per_node 2"
+            ValueError,
+            "local rank 2 but its host has 2 visible GPUs.*--nproc_per_node 2",
         ):
             self.select(2, {"LOCAL_RANK": "2"})
 

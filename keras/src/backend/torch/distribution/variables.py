@@ -59,7 +59,9 @@ def initialize(variable, value):
         value = distribution_lib.distribute_variable(
             value, variable._layout, name=variable.path
         )
-    variable._value = torch.nn.Parameter(value, requires_grad=variable.trainable)
+    variable._value = torch.nn.Parameter(
+        value, requires_grad=variable.trainable
+    )
 
 
 @contextlib.contextmanager

@@ -8,14 +8,13 @@ deadlocks. Upstream, callbacks run in the training thread whenever a
 distribution is set.
 """
 
+from keras.src.backend.common import global_state
 from keras.src.backend.torch.keras_edits import edit
 
 
 def _configure_async_dispatch(upstream):
     def configure_async_dispatch(self, callbacks):
         """Stands for `CallbackList._configure_async_dispatch`."""
-        from keras.src.backend.common import global_state
-
         upstream(self, callbacks)
         if global_state.get_global_attribute("distribution") is not None:
             self._async_train = False

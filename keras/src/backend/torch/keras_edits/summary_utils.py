@@ -1,9 +1,9 @@
 """Companion of `keras/src/utils/summary_utils.py`.
 
 Upstream, `print_summary` (behind `model.summary()`) prints on rank 0 only,
-like progress bars (the `io_utils` companion): with no `print_fn` it writes to the
-console directly, not through `print_msg`. A `print_fn` of the user's own
-is called on every rank, as they wrote it.
+like progress bars (the `io_utils` companion): with no `print_fn` it writes
+to the console directly, not through `print_msg`. A `print_fn` of the
+user's own is called on every rank, as they wrote it.
 """
 
 from keras.src.backend.torch.distribution import process_group

@@ -14,6 +14,7 @@ from keras.src.backend.torch.distribution import variables
 from keras.src.backend.torch.keras_edits import edit
 from keras.src.backend.torch.keras_edits import edit_property
 
+
 def _initialize(self, value):
     """Stands for `Variable._initialize`."""
     variables.initialize(self, value)
@@ -24,9 +25,9 @@ def _common_initialize_with_initializer(upstream):
         """Stands for `Variable._initialize_with_initializer` (Keras 3.16,
         which lays variables out on its own there): the common variable's,
         whose `_initialize` (above) lays the value out."""
-        super(backend_core.module().Variable, self)._initialize_with_initializer(
-            initializer
-        )
+        super(
+            backend_core.module().Variable, self
+        )._initialize_with_initializer(initializer)
 
     return initialize_with_initializer
 

@@ -37,6 +37,7 @@ def _megatron_matmul(upstream):
 def _megatron_einsum(upstream):
     def einsum(subscripts, *operands, **kwargs):
         """Stands for `einsum`."""
+
         def contract(*tensors):
             return upstream(subscripts, *tensors, **kwargs)
 

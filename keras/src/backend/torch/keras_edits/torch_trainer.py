@@ -31,7 +31,9 @@ def _make_distributed(kind):
             function = getattr(self, attribute)
             if getattr(function, "upstream", None) is None:
                 setattr(
-                    self, attribute, route.distributed_step(function, self, kind)
+                    self,
+                    attribute,
+                    route.distributed_step(function, self, kind),
                 )
             return getattr(self, attribute)
 
@@ -115,4 +117,6 @@ def apply(trainer_module):
         edit(trainer, "get_metrics_result", _base_metrics_result(trainer))
         edit(trainer_module, "_distribute_data", _global_batches)
         edit(trainer_module, "_gather_non_batch_axes", _global_outputs)
-        edit(trainer_module.TorchEpochIterator, "_get_iterator", _adapter_batches)
+        edit(
+            trainer_module.TorchEpochIterator, "_get_iterator", _adapter_batches
+        )

@@ -55,8 +55,9 @@ SUPPORTED = (
 )
 
 
-def get_data_adapter(upstream, x, y, sample_weight, batch_size, steps,
-                     shuffle, class_weight):
+def get_data_adapter(
+    upstream, x, y, sample_weight, batch_size, steps, shuffle, class_weight
+):
     """The adapter for Keras's inputs, split across processes when the
     distribution spans several; `upstream` (Keras's own
     `get_data_adapter`, same arguments) otherwise."""

@@ -11,7 +11,6 @@ from keras.src.testing import distribution_test_models as models
 from keras.src.testing import sample_ids
 from keras.src.testing.multi_process import run_on_processes
 
-
 RecordsIds = sample_ids.RecordsIds
 StepsRecord = sample_ids.StepsRecord
 _model = sample_ids.ids_model

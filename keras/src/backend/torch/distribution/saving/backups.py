@@ -21,9 +21,7 @@ def save_backup(callback, upstream):
     if not process_group.is_multi_process():
         return upstream(callback)
     single_writer.on_writer(lambda: _prepare(callback), callback.backup_dir)
-    callback.model.save_weights(
-        filepath=callback._weights_path, overwrite=True
-    )
+    callback.model.save_weights(filepath=callback._weights_path, overwrite=True)
     single_writer.on_writer(
         lambda: _write_metadata(callback), callback._training_metadata_path
     )
@@ -31,7 +29,9 @@ def save_backup(callback, upstream):
 
 def end_training(callback, upstream, logs):
     """`BackupAndRestore.on_train_end`: rank 0 deletes the backup."""
-    single_writer.on_writer(lambda: upstream(callback, logs), callback.backup_dir)
+    single_writer.on_writer(
+        lambda: upstream(callback, logs), callback.backup_dir
+    )
 
 
 def _prepare(callback):

@@ -117,13 +117,8 @@ def load_everywhere(load, what):
     """`load()` on every rank; if it raised on any, it raises on all."""
     if not process_group.is_multi_process():
         return load()
-    result, error = None, None
-    try:
-        result = load()
-    except Exception as raised:
-        error = raised
-    mine = None if error is None else f"{type(error).__name__}: {error}"
-    outcomes = process_group.gather(mine)
+    result, error = single_writer.attempt(load)
+    outcomes = process_group.gather(single_writer.described(error))
     failed = {rank: o for rank, o in enumerate(outcomes) if o is not None}
     if error is not None:
         raise error

@@ -199,7 +199,9 @@ class MetadataUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module, name):
-        if name in self.ALLOWED.get(module, ()) or _is_torch_dtype(module, name):
+        if name in self.ALLOWED.get(module, ()) or _is_torch_dtype(
+            module, name
+        ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
             f"Refusing to load {self.path}: it names {module}.{name}, which "

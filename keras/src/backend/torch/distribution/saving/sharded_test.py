@@ -13,9 +13,9 @@ import torch.distributed as dist
 
 import keras
 from keras.src import testing
-from keras.src.backend.torch.distribution.saving import h5_partial_read
 from keras.src.backend.torch.distribution import load_sharded
 from keras.src.backend.torch.distribution import save_sharded
+from keras.src.backend.torch.distribution.saving import h5_partial_read
 from keras.src.testing import checkpoint_models as cm
 from keras.src.testing import multi_process
 from keras.src.testing.multi_process import run_on_processes
@@ -140,8 +140,9 @@ class ShardedCheckpointTest(testing.TestCase):
         with open(os.path.join(path, ".metadata"), "wb") as f:
             pickle.dump(_CreatesAFile(marker), f)
         with self.assertRaisesRegex(
-            RuntimeError, r"load_sharded .* failed on rank\(s\) \[0\].*"
-            r"Refusing to load .*\.open, which the metadata"
+            RuntimeError,
+            r"load_sharded .* failed on rank\(s\) \[0\].*"
+            r"Refusing to load .*\.open, which the metadata",
         ):
             load_sharded(cm.model(), path)
         self.assertFalse(os.path.exists(marker))

@@ -66,19 +66,29 @@ def on_writer(write, what):
     Returns:
         `write()`'s result on rank 0, None on the other ranks.
     """
-    result, error = None, None
-    if process_group.is_rank_zero():
-        try:
-            result = write()
-        except Exception as raised:
-            error = raised
-    outcome = None if error is None else f"{type(error).__name__}: {error}"
-    outcome = process_group.agree(outcome)
+    result, error = (
+        attempt(write) if process_group.is_rank_zero() else (None, None)
+    )
+    outcome = process_group.agree(described(error))
     if error is None and outcome is not None:
         raise RuntimeError(f"Rank 0 failed writing {what}: {outcome}")
     if error is not None:
         raise error
     return result
+
+
+def attempt(run):
+    """`(run(), None)`, or `(None, the exception it raised)`."""
+    try:
+        return run(), None
+    except Exception as error:
+        return None, error
+
+
+def described(error):
+    """`"Type: message"` of an exception, None for none: what ranks send
+    each other of a failure."""
+    return None if error is None else f"{type(error).__name__}: {error}"
 
 
 @contextlib.contextmanager

@@ -12,6 +12,9 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 import keras
 from keras.src import testing
+from keras.src.backend.torch.distribution.torch_modules import (
+    wrapped_modules_test as wrapped,
+)
 from keras.src.testing.multi_process import run_on_processes
 
 # Layer arrangement -> (forward counts, backward counts).
@@ -51,15 +54,12 @@ def _torch_module(arrangement, layout_map):
 
 
 def _sequence_parallel_block(layout_map):
-    from keras.src.backend.torch.distribution.torch_modules.wrapped_modules_test import (
-        SEQUENCE_LAYOUTS,
-        sequence_block,
-    )
-
-    for key, axes in SEQUENCE_LAYOUTS.items():
+    for key, axes in wrapped.SEQUENCE_LAYOUTS.items():
         layout_map[key] = axes
     torch.manual_seed(0)
-    return [keras.layers.TorchModuleWrapper(sequence_block(), name="mlp")]
+    return [
+        keras.layers.TorchModuleWrapper(wrapped.sequence_block(), name="mlp")
+    ]
 
 
 def _keras_layers(arrangement, layout_map, einsum):

@@ -30,13 +30,20 @@ def _local_gradients(model, unused=None):
     }
 
 
-def bucketed_sums(first_bucket_bytes, bucket_bytes):
-    """Bucketed sums next to per-tensor all-reduces of the same grads."""
-    model = _model()
+def _summed_one_by_one(model):
+    """This rank's gradients, each all-reduced alone: what buckets must
+    give. Leaves `model` without gradients."""
     expected = _local_gradients(model)
     for grad in expected.values():
         dist.all_reduce(grad)
     model.zero_grad(set_to_none=True)
+    return expected
+
+
+def bucketed_sums(first_bucket_bytes, bucket_bytes):
+    """Bucketed sums next to per-tensor all-reduces of the same grads."""
+    model = _model()
+    expected = _summed_one_by_one(model)
     buckets = gradient_buckets.GradientBuckets(
         list(model.parameters()),
         dist.group.WORLD,
@@ -52,10 +59,7 @@ def unused_weight_keeps_no_gradient():
     """The bucketed sums when a weight gets no gradient, next to
     per-tensor all-reduces of the same gradients."""
     model = _model()
-    expected = _local_gradients(model)
-    for grad in expected.values():
-        dist.all_reduce(grad)
-    model.zero_grad(set_to_none=True)
+    expected = _summed_one_by_one(model)
     extra = torch.nn.Parameter(torch.ones(2))  # Never used.
     weights = list(model.parameters()) + [extra]
     gradient_buckets.GradientBuckets(weights, dist.group.WORLD, 16, 16)
@@ -92,10 +96,7 @@ def a_step_after_an_aborted_backward():
     gradients launched their buckets; the next step must sum as per-tensor
     all-reduces do."""
     model = _model()
-    expected = _local_gradients(model)
-    for grad in expected.values():
-        dist.all_reduce(grad)
-    model.zero_grad(set_to_none=True)
+    expected = _summed_one_by_one(model)
     buckets = gradient_buckets.GradientBuckets(
         list(model.parameters()), dist.group.WORLD, 16, 16
     )

@@ -201,7 +201,9 @@ def transformer_with_an_empty_block(data_parallel):
 class LocalReplicasTest(testing.TestCase):
     def test_an_empty_block_runs_attention_that_takes_it(self):
         expected = transformer_with_an_empty_block(False)
-        for losses in run_on_processes(4, transformer_with_an_empty_block, True):
+        for losses in run_on_processes(
+            4, transformer_with_an_empty_block, True
+        ):
             self.assertAllClose(losses, expected, rtol=1e-5)
 
     def test_plain_models_train_on_local_replicas_with_single_numbers(self):
@@ -218,25 +220,25 @@ class LocalReplicasTest(testing.TestCase):
     def test_models_updating_state_keep_the_exact_route(self):
         # BatchNormalization's moving statistics need the global batch.
         expected_loss, _, _ = single_process("cnn", evaluate_first=True)
-        for loss, _, route in run_on_processes(
+        for loss, _, verdict in run_on_processes(
             2, route_and_numbers, "cnn", False, True
         ):
-            self.assertEqual(route, "exact")
+            self.assertEqual(verdict, "exact")
             self.assertAllClose(loss, expected_loss, rtol=1e-5)
 
     def test_models_with_their_own_losses_keep_the_exact_route(self):
         # Regularization terms would otherwise count once per rank.
         expected, _ = regularized_numbers(False)
-        for loss, route in run_on_processes(2, regularized_numbers, True):
-            self.assertEqual(route, "exact")
+        for loss, verdict in run_on_processes(2, regularized_numbers, True):
+            self.assertEqual(verdict, "exact")
             self.assertAllClose(loss, expected, rtol=1e-5)
 
     def test_jit_compile_compiles_the_local_forward_with_single_numbers(self):
         expected_loss, _, _ = single_process("mlp")
-        for loss, _, route, compiled in run_on_processes(
+        for loss, _, verdict, compiled in run_on_processes(
             2, route_and_numbers, "mlp", True
         ):
-            self.assertEqual(route, "local")
+            self.assertEqual(verdict, "local")
             self.assertTrue(compiled)
             self.assertAllClose(loss, expected_loss, rtol=1e-5)
 

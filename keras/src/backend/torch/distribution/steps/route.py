@@ -110,10 +110,14 @@ def _on_route(step_function, data, model, state, kind):
     replicas = local_replicas_for(model, state, distribution)
     if replicas is None:
         _warn_if_not_compiled(model, state)
-        return dtensor_route.run(step_function, data, model, state, distribution)
+        return dtensor_route.run(
+            step_function, data, model, state, distribution
+        )
     if kind != "predict" and replicas.wants_exact_step(kind):
         replicas.before_exact_step()
-        logs = dtensor_route.run(step_function, data, model, state, distribution)
+        logs = dtensor_route.run(
+            step_function, data, model, state, distribution
+        )
         replicas.after_exact_step(kind)
         return logs
     with replicas.active():

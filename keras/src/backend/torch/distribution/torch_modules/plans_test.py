@@ -47,7 +47,6 @@ def _parallelized_mlp_output():
     )
 
 
-
 class ParallelStyleTest(testing.TestCase):
     @parameterized.named_parameters(
         ("linear_colwise", torch.nn.Linear(4, 8), ("model", None), "Colwise"),

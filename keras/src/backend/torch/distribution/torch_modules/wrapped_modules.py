@@ -163,9 +163,7 @@ def mode_of(module, module_path, layout_map):
     sharded = [
         name
         for name, _ in module.named_parameters()
-        if shards(
-            layout_map[plans.submodule_path(module_path, name)]
-        )
+        if shards(layout_map[plans.submodule_path(module_path, name)])
     ]
     if not sharded:
         return REPLICATED, plan, axis
