@@ -26,6 +26,8 @@ The gaps between Keras's torch code and DTensor, closed here:
   tensors run as reshapes, which copy only then.
 - A rank whose block of a batch is empty runs attention with a kernel that
   takes an empty batch (`attention_kernels_for`).
+- A slice update mixing a plain tensor and a DTensor (a KV cache made with
+  `ops.zeros`) lays both out alike first (`aligned_for_update`).
 """
 
 import contextlib
@@ -346,6 +348,53 @@ def _mask_placement(mask_shape, dim):
     if mask_dim < 0 or mask_shape[mask_dim] == 1:
         return Replicate()  # The mask broadcasts along `dim`.
     return Shard(mask_dim)
+
+
+def whole(tensor):
+    """A DTensor's full value, the same plain tensor on every rank (a
+    collective); anything else as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def aligned_for_update(inputs, start_indices, updates):
+    """`(inputs, start_indices, updates)` of a slice update, laid out alike
+    when either tensor is a DTensor: a plain tensor takes the other's
+    layout (it holds the same global value on every rank), `updates` takes
+    that of `inputs`, and tensor start indices become Python ints, so that
+    the update is a slice assignment, which DTensor runs on each rank's
+    block, rather than an in-place `index_put_`, which it refuses on a
+    split tensor.
+
+    DTensor refuses to write a DTensor into a plain tensor in place, and to
+    write into a DTensor along a dim whose placement the write would
+    change. KerasHub's generation writes each step's keys and values into
+    a cache made with `ops.zeros`, and each new token into the prompt: the
+    cache then takes the layout of the keys it receives (split over the
+    heads where the attention's heads are: each rank holds its heads' part
+    of the cache), and the prompt that of the token.
+    """
+    if not isinstance(inputs, DTensor) and not isinstance(updates, DTensor):
+        return inputs, start_indices, updates
+    if not isinstance(inputs, DTensor):
+        inputs = _laid_out_like(inputs, updates)
+    if not isinstance(updates, DTensor):
+        updates = _laid_out_like(updates, inputs)
+    if tuple(updates.placements) != tuple(inputs.placements):
+        updates = updates.redistribute(inputs.device_mesh, inputs.placements)
+    start_indices = [int(index) for index in start_indices]
+    return inputs, start_indices, updates
+
+
+def _laid_out_like(tensor, like):
+    """Plain `tensor`, the same on every rank, as a DTensor placed as `like`
+    is (this rank keeps its block; nothing is communicated)."""
+    mesh = like.device_mesh
+    replicated = DTensor.from_local(
+        tensor, mesh, [Replicate()] * mesh.ndim, run_check=False
+    )
+    if tensor.ndim != like.ndim:
+        return replicated
+    return replicated.redistribute(mesh, like.placements)
 
 
 def lay_out_attention_inputs(query, key, value):

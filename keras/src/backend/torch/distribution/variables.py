@@ -2,7 +2,8 @@
 
 - A variable created under a distribution, or given a `layout`, holds a
   DTensor laid out by `distribution.get_variable_layout(variable)` (its own
-  `_layout` wins, so optimizer slots follow their variable).
+  `_layout` wins, so optimizer slots follow their variable). A LoRA factor
+  no key names is split like its kernel (`lora_layout`).
 - Assigning keeps the layout, from any global value or DTensor; a sharded
   variable assigned from a weights file reads only its block
   (`saving.h5_partial_read.PartialRead`).
@@ -41,7 +42,36 @@ def layout_of(variable):
     distribution = global_state.get_global_attribute("distribution")
     if distribution is None:
         return None
+    lora = lora_layout(variable, distribution)
+    if lora is not None:
+        return lora
     return distribution.get_variable_layout(variable)
+
+
+# LoRA's factors of a kernel `(..., out)`: `A` is `(..., rank)`, split like
+# the kernel's input dims; `B` is `(rank, out)`, split like its output dim.
+LORA_FACTORS = ("lora_kernel_a", "lora_kernel_b")
+
+
+def lora_layout(variable, distribution):
+    """The layout of a LoRA factor (after `enable_lora(rank)`) that no key of
+    the layout map names: its kernel's, over the dims it shares with the
+    kernel, so that `A @ B` is laid out like the kernel and the base
+    weights' memory per rank stays as it was. None for other variables."""
+    scope, _, name = variable.path.rpartition("/")
+    layout_map = getattr(distribution, "_layout_map", None)
+    if name not in LORA_FACTORS or layout_map is None:
+        return None
+    if layout_map[variable.path] is not None:
+        return None  # A key names the factor itself: it wins.
+    kernel = layout_map[f"{scope}/kernel"]
+    if kernel is None:
+        return None
+    if name == "lora_kernel_a":
+        axes = tuple(kernel.axes[:-1]) + (None,)
+    else:
+        axes = (None, kernel.axes[-1])
+    return type(kernel)(axes, kernel.device_mesh)
 
 
 def initialize(variable, value):
@@ -117,8 +147,8 @@ def convert_to_numpy(x, upstream):
     if served is not None:
         return served
     if isinstance(x, (list, tuple)):
-        return upstream([_gathered(e) for e in x])
-    return _record(x, upstream(_gathered(x)))
+        return upstream([dtensor_ops.whole(e) for e in x])
+    return _record(x, upstream(dtensor_ops.whole(x)))
 
 
 @contextlib.contextmanager
@@ -137,10 +167,6 @@ def gathered_ahead(values, record):
         yield
     finally:
         _local.values = _local.record = None
-
-
-def _gathered(x):
-    return x.full_tensor() if isinstance(x, DTensor) else x
 
 
 def _served(x):

@@ -57,6 +57,7 @@ KERAS_REPLACED = (
     *_in_both(CORE, "Variable._direct_assign", "torch_core"),
     *_in_both(CORE, "Variable.value", "torch_core"),
     *_in_both(CORE, "convert_to_numpy", "torch_core"),
+    *_in_both(CORE, "slice_update", "torch_core"),
     *_in_both(CORE, "Variable._convert_to_tensor", "torch_core"),
     # Keras 3.16 lays variables out itself there.
     (
@@ -70,6 +71,12 @@ KERAS_REPLACED = (
     *_in_both(NUMPY, "take_along_axis", "torch_numpy"),
     *_in_both(NUMPY, "matmul", "torch_numpy"),
     *_in_both(NUMPY, "einsum", "torch_numpy"),
+    (
+        "keras.src.backend.torch.random",
+        "categorical",
+        "torch_random",
+        None,
+    ),
     *_trainer("make_train_function"),
     *_trainer("make_test_function"),
     *_trainer("make_predict_function"),

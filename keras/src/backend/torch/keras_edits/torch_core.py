@@ -10,6 +10,7 @@ data-parallel step, and keeps its layout when assigned (see
 """
 
 from keras.src.backend.torch.distribution import backend_core
+from keras.src.backend.torch.distribution import dtensor_ops
 from keras.src.backend.torch.distribution import variables
 from keras.src.backend.torch.keras_edits import edit
 from keras.src.backend.torch.keras_edits import edit_property
@@ -65,9 +66,25 @@ def _variable_convert_to_tensor(upstream):
     return convert_to_tensor
 
 
+def _aligned_slice_update(upstream):
+    def slice_update(inputs, start_indices, updates):
+        """Stands for `slice_update`: a plain tensor and a DTensor are laid
+        out alike first (`dtensor_ops.aligned_for_update`)."""
+        return upstream(
+            *dtensor_ops.aligned_for_update(
+                backend_core.convert_to_tensor(inputs),
+                start_indices,
+                backend_core.convert_to_tensor(updates),
+            )
+        )
+
+    return slice_update
+
+
 def apply(core_module):
     variable = core_module.Variable
     edit(core_module, "convert_to_numpy", _convert_to_numpy)
+    edit(core_module, "slice_update", _aligned_slice_update)
     edit(variable, "_initialize", lambda upstream: _initialize)
     edit_property(variable, "value", _value_property)
     edit(variable, "_convert_to_tensor", _variable_convert_to_tensor)

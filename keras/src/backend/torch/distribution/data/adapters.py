@@ -20,6 +20,8 @@ several processes and `auto_shard_dataset` is on. On the torch backend:
   shuffled in an order every rank shares.
 - A batched **`tf.data.Dataset`** is iterated whole on every rank, each
   keeping its block of every batch (`tf_dataset_split`).
+- A **grain** `MapDataset` or `IterDataset` (what KerasHub's tasks make
+  of arrays) is read whole on every rank, like a `PyDataset`.
 - Other inputs are refused with an error that says what to pass instead,
   on every rank before any collective can hang.
 
@@ -30,6 +32,8 @@ Before the first step, the ranks check that they hold the same data
 (`consistency`): a rank that loaded its own shard of the arrays would
 otherwise train on a silent mix of rows.
 """
+
+import sys
 
 import torch
 
@@ -42,6 +46,7 @@ from keras.src.distribution import distribution_lib
 from keras.src.trainers import data_adapters as keras_data_adapters
 from keras.src.trainers.data_adapters import array_data_adapter
 from keras.src.trainers.data_adapters import data_adapter
+from keras.src.trainers.data_adapters import grain_dataset_adapter
 from keras.src.trainers.data_adapters import py_dataset_adapter
 from keras.src.trainers.data_adapters import tf_dataset_adapter
 from keras.src.trainers.data_adapters import torch_data_loader_adapter
@@ -49,9 +54,10 @@ from keras.src.trainers.data_adapters import torch_data_loader_adapter
 SUPPORTED = (
     "NumPy arrays or torch tensors holding the global data (the same on "
     "every process; each process trains on its share of every batch), a "
-    "keras.utils.PyDataset or a tf.data.Dataset returning the same "
-    "global batches on every process, or a torch DataLoader whose "
-    "batch_size is the global batch (each process loads its share)"
+    "keras.utils.PyDataset, a tf.data.Dataset or a grain MapDataset or "
+    "IterDataset returning the same global batches on every process, or "
+    "a torch DataLoader whose batch_size is the global batch (each "
+    "process loads its share)"
 )
 
 
@@ -74,6 +80,8 @@ def get_data_adapter(
     if not distribution.auto_shard_dataset:
         return _process_local(keras_adapter(), distribution)
     _check_input(x, y, sample_weight)
+    if _is_grain_dataset(x):
+        return _agreed_grain_adapter(x, class_weight)
     if keras_data_adapters.is_tf_dataset(x):
         return _split_tf_dataset(x, class_weight, distribution)
     if isinstance(x, py_dataset_adapter.PyDataset):
@@ -103,6 +111,7 @@ def _check_input(x, y, sample_weight):
         keras_data_adapters.is_torch_dataloader(x)
         or isinstance(x, py_dataset_adapter.PyDataset)
         or keras_data_adapters.is_tf_dataset(x)
+        or _is_grain_dataset(x)
     ):
         if y is not None or sample_weight is not None:
             raise ValueError(
@@ -135,6 +144,64 @@ def _agreed_py_dataset_adapter(dataset, shuffle, class_weight):
     return py_dataset_adapter.PyDatasetAdapter(
         dataset, class_weight=class_weight, shuffle=False
     )
+
+
+def _is_grain_dataset(x):
+    """A `grain.MapDataset` or `grain.IterDataset` (a `grain.DataLoader`,
+    which shards by itself, is refused like other iterators)."""
+    grain = sys.modules.get("grain")
+    if grain is None:  # Not imported: `x` cannot be one.
+        return False
+    return isinstance(x, (grain.MapDataset, grain.IterDataset))
+
+
+def _agreed_grain_adapter(dataset, class_weight):
+    """A grain dataset read whole on every rank, like a `PyDataset`: batch
+    `i` is global batch `i`, of which each rank keeps its block. Every rank
+    must build the same dataset (a seeded shuffle): its length (for a
+    `MapDataset`) and first batch are checked across ranks first. An
+    `IterDataset` has no length, so the ranks also agree at every step
+    that each has a batch, and raise together if one ran out early."""
+    if class_weight:
+        raise ValueError(
+            "A grain dataset yields its sample weights itself: pass no "
+            "`class_weight`."
+        )
+    consistency.check_grain_dataset(dataset)
+    adapter = grain_dataset_adapter.GrainDatasetAdapter(dataset)
+    grain = sys.modules["grain"]
+    if isinstance(dataset, grain.IterDataset):
+        make_loader = adapter.get_torch_dataloader
+        adapter.get_torch_dataloader = lambda: EndAgreed(make_loader())
+    return adapter
+
+
+class EndAgreed:
+    """Iterates `loader`, the ranks agreeing at each step that each has a
+    batch; raises on every rank when only some have one."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        step = 0
+        while True:
+            batch = next(batches, None)
+            has_batch = process_group.gather(batch is not None)
+            if not any(has_batch):
+                return
+            if not all(has_batch):
+                ended = [r for r, has in enumerate(has_batch) if not has]
+                raise ValueError(
+                    f"The grain datasets of ranks {ended} ended at step "
+                    f"{step}, before those of the others: every rank must "
+                    "pass the same dataset (shuffle with a seed), or each "
+                    "its own data with `distribution.auto_shard_dataset = "
+                    "False`."
+                )
+            step += 1
+            yield batch
 
 
 class AgreedOrderPyDataset(py_dataset_adapter.PyDataset):

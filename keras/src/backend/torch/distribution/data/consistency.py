@@ -7,7 +7,8 @@ for `DistributedDataParallel`) would train on a silent mix of rows, each
 rank logging a different loss. So, before the first step, the ranks
 compare a fingerprint of what they were given: for each array, its shape,
 dtype and a digest of a few rows sampled at fixed positions; for a
-`PyDataset`, its length and its first batch. One all-reduce of two
+`PyDataset` or a grain dataset, its length and its first batch. One
+all-reduce of two
 integers when they agree; when they do not, every rank gathers every
 fingerprint and raises the same error.
 """
@@ -57,6 +58,23 @@ def check_py_dataset(dataset):
             for index, array in enumerate(tree.flatten(dataset[0]))
         ]
     _check_agreement(fingerprint, "PyDatasets")
+
+
+def check_grain_dataset(dataset):
+    """Raises on every rank unless every rank's grain dataset has the same
+    length (a `MapDataset`) and first batch."""
+    length = len(dataset) if hasattr(dataset, "__len__") else None
+    fingerprint = [("number of batches", length)]
+    if length is None:  # An IterDataset: its first element, read anew.
+        first = next(iter(dataset), None)
+    else:
+        first = dataset[0] if length else None
+    if first is not None:
+        fingerprint += [
+            (f"array {index} of batch 0", _array_fingerprint(array))
+            for index, array in enumerate(tree.flatten(first))
+        ]
+    _check_agreement(fingerprint, "grain datasets")
 
 
 def _check_agreement(fingerprint, what):

@@ -37,8 +37,17 @@ def split_tf_dataset(dataset, replica, replicas):
     from keras.src.utils.module_utils import tensorflow as tf
 
     hide_gpus_from(tf)
-    # -1 when no `batch` sets the batch size, as Keras checks it.
-    if int(distribute.compute_batch_size(dataset)) < 0:
+    # -1 when no `batch` sets the batch size, as Keras checks it; a `map`
+    # after the `batch` hides it too (KerasHub's preprocessing), where a
+    # leading dim of unknown size on every tensor still shows the batch.
+    leading_dims = [
+        spec.shape[0] if spec.shape.rank else 0
+        for spec in tf.nest.flatten(dataset.element_spec)
+    ]
+    batched = int(distribute.compute_batch_size(dataset)) >= 0 or all(
+        dim is None for dim in leading_dims
+    )
+    if not batched:
         raise ValueError(
             "A tf.data.Dataset split across processes must be batched "
             "with the global batch size, e.g. `dataset.batch(64)`. "
