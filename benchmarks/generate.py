@@ -59,9 +59,9 @@ def measure(distribution_name):
     mask = np.zeros_like(token_ids)
     mask[:, :prompt_length] = 1
     inputs = {"token_ids": token_ids, "padding_mask": mask}
-    lm.generate(inputs)  # Warm-up.
+    lm.generate(inputs, stop_token_ids=None)  # Warm-up.
     started = time.perf_counter()
-    lm.generate(inputs)
+    lm.generate(inputs, stop_token_ids=None)
     seconds = time.perf_counter() - started
     if not dist.is_initialized() or dist.get_rank() == 0:
         rate = PROMPTS * NEW_TOKENS / seconds

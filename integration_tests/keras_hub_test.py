@@ -114,7 +114,34 @@ def generated(model_name, distribution_name):
     return results, cache_layout
 
 
+def scored(distribution_name):
+    """`score` (per-token losses) and `predict` of a tiny Gemma."""
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    _set_distribution(distribution_name, keras_hub.models.GemmaBackbone)
+    lm = causal_lm("gemma", 2)
+    scores = lm.score(
+        PROMPTS["token_ids"],
+        PROMPTS["padding_mask"],
+        scoring_mode="loss",
+        target_ids=np.roll(PROMPTS["token_ids"], -1, axis=1),
+    )
+    predictions = lm.predict(PROMPTS, verbose=0)
+    keras.distribution.set_distribution(None)
+    return keras.ops.convert_to_numpy(scores), np.asarray(predictions)
+
+
 class GenerateTest(testing.TestCase):
+    def test_score_and_predict_give_the_numbers_of_one_process(self):
+        (expected,) = run_on_processes(1, scored, None)
+        for distribution_name in ("1x2", "data"):
+            for scores, predictions in run_on_processes(
+                2, scored, distribution_name
+            ):
+                self.assertAllClose(scores, expected[0], rtol=1e-5)
+                self.assertAllClose(predictions, expected[1], rtol=1e-5)
+
     references = {}
 
     @parameterized.product(
