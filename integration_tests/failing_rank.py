@@ -1,7 +1,10 @@
 """A run in which one rank fails mid-run while the others wait for it.
 
 Usage (with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set):
-    python failing_rank.py <failing rank> raise|freeze
+    python failing_rank.py <failing rank> raise|freeze [backend]
+
+With a backend (`"cpu:gloo,cuda:gloo"`, say), the script starts the
+process group itself before Keras, as a user of NCCL would.
 """
 
 import os
@@ -13,7 +16,10 @@ import time
 import torch
 import torch.distributed as dist
 
-import keras
+if len(sys.argv) > 3:
+    dist.init_process_group(backend=sys.argv[3])
+
+import keras  # noqa: E402
 
 keras.distribution.initialize()
 failing_rank, how = int(sys.argv[1]), sys.argv[2]

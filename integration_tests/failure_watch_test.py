@@ -16,7 +16,7 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "failing_rank.py")
 TIMEOUT_SECONDS = 40
 
 
-def launch(world_size, failing_rank, how):
+def launch(world_size, failing_rank, how, backend=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -34,7 +34,8 @@ def launch(world_size, failing_rank, how):
         )
         processes.append(
             subprocess.Popen(
-                [sys.executable, SCRIPT, str(failing_rank), how],
+                [sys.executable, SCRIPT, str(failing_rank), how]
+                + ([backend] if backend else []),
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -75,9 +76,17 @@ class FailureWatchTest(testing.TestCase):
             self.assertLess(seconds, TIMEOUT_SECONDS * 0.75, stderr)
             self.assertRegex(stderr, "rank 1 (failed: )?stopped responding")
 
-    def run_failure(self, world_size, failing_rank, how):
+    def test_a_group_the_user_started_is_watched_too(self):
+        # One backend per device type, as "cpu:gloo,cuda:nccl" on GPUs.
+        outputs = self.run_failure(2, 1, "raise", "cpu:gloo,cuda:gloo")
+        for rank, (status, seconds, stderr) in outputs.items():
+            self.assertNotEqual(status, 0, stderr)
+            self.assertLess(seconds, TIMEOUT_SECONDS / 2, stderr)
+            self.assertIn("rank 1 failed: RuntimeError", stderr)
+
+    def run_failure(self, world_size, failing_rank, how, backend=None):
         """Exit status, seconds after the failure and stderr of the others."""
-        processes = launch(world_size, failing_rank, how)
+        processes = launch(world_size, failing_rank, how, backend)
         try:
             for process in processes:
                 wait_for_ready(process)
