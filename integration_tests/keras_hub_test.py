@@ -144,8 +144,14 @@ class GenerateTest(testing.TestCase):
 
     references = {}
 
-    @parameterized.product(
-        model_name=("gemma", "llama"), distribution_name=("1x2", "2x2", "data")
+    # 2x2 on Llama, whose map splits the heads over the batch axis (where
+    # Keras 3.16's attention once got the layouts wrong).
+    @parameterized.parameters(
+        ("gemma", "1x2"),
+        ("gemma", "data"),
+        ("llama", "1x2"),
+        ("llama", "2x2"),
+        ("llama", "data"),
     )
     def test_generate_gives_the_tokens_of_one_process(
         self, model_name, distribution_name
