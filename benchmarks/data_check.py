@@ -2,8 +2,9 @@
 
     torchrun --nproc_per_node 2 benchmarks/data_check.py
 
-Prints `DATACHECK {"data_check_ms": ..., "short_fit_ms": ...}` from rank
-0: the check on 100,000 rows (its first run, after a barrier so that one
+Prints `DATACHECK {"data_check_ms", "data_check_again_ms",
+"short_fit_ms"}` from rank 0: the check on 100,000 rows (its first run in
+the process, then the faster of two more, each after a barrier so that one
 rank's lateness is not counted) and a short `fit` of a new model (64
 samples, 2 epochs, batches of 16), the check included.
 """
@@ -22,10 +23,12 @@ torch.set_num_threads(1)
 keras.distribution.set_distribution(keras.distribution.DataParallel())
 x = np.random.RandomState(0).rand(100_000, 16).astype("float32")
 y = x[:, :2]
-dist.barrier()
-started = time.perf_counter()
-consistency.check_arrays((x, y, None))
-check = time.perf_counter() - started
+checks = []
+for _ in range(3):  # Its first run, then two more.
+    dist.barrier()
+    started = time.perf_counter()
+    consistency.check_arrays((x, y, None))
+    checks.append(time.perf_counter() - started)
 
 model = keras.Sequential(
     [keras.Input((16,)), keras.layers.Dense(32), keras.layers.Dense(2)]
@@ -36,5 +39,9 @@ started = time.perf_counter()
 model.fit(x[:64], y[:64], batch_size=16, epochs=2, verbose=0)
 fit = time.perf_counter() - started
 if dist.get_rank() == 0:
-    result = {"data_check_ms": 1e3 * check, "short_fit_ms": 1e3 * fit}
+    result = {
+        "data_check_ms": 1e3 * checks[0],
+        "data_check_again_ms": 1e3 * min(checks[1:]),
+        "short_fit_ms": 1e3 * fit,
+    }
     print("DATACHECK " + json.dumps(result))

@@ -31,6 +31,7 @@ def measure(case):
     import keras
 
     torch.set_num_threads(1)
+    keras.distribution.initialize()  # Keras's own needs the call.
     keras.utils.set_random_seed(0)
     devices = keras.distribution.list_devices()
     rng = np.random.RandomState(0)
@@ -65,9 +66,10 @@ def measure(case):
         layout_map[".*up_\\d/kernel"] = (None, "model")
         layout_map[".*up_\\d/bias"] = ("model",)
         layout_map[".*down_\\d/kernel"] = ("model", None)
-        keras.distribution.set_distribution(
-            keras.distribution.ModelParallel(layout_map=layout_map)
-        )
+        distribution = keras.distribution.ModelParallel(layout_map=layout_map)
+        if builtin:  # It refuses arrays otherwise; one data replica here.
+            distribution.auto_shard_dataset = False
+        keras.distribution.set_distribution(distribution)
         inputs = keras.Input((16, 256))
         h = inputs
         for i in range(2):

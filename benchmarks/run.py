@@ -1,7 +1,7 @@
 """Benchmarks this package against hand-written PyTorch, in one run.
 
-    .venv/bin/python benchmarks/run.py            # about 3 minutes
-    .venv/bin/python benchmarks/run.py --smoke    # seconds: runs, no numbers
+    .venv/bin/python benchmarks/run.py            # about a minute
+    .venv/bin/python benchmarks/run.py --smoke    # about 30 s: runs only
 
 Measures every case of `workloads.CASES` on one process and on
 `--processes` gloo processes (see `measure.py`), prints a table, and as its
