@@ -148,9 +148,7 @@ class TorchRunner:
             mesh = init_device_mesh("cpu", (world_size(),))
             parallelize_module(model, mesh, workloads.tensor_parallel_plan())
         self.model, self.batch = model, batch
-        self.optimizer = torch.optim.Adam(
-            model.parameters(), lr=workloads.LEARNING_RATE
-        )
+        self.optimizer = workloads.torch_optimizer(case, model.parameters())
         self.loss_fn = workloads.torch_loss(case)
         # Data-parallel ranks read different samples; tensor-parallel ranks
         # the same ones.
@@ -241,6 +239,11 @@ def configurations(mode, processes):
     """`(side, case, batch, shrink, compile)` of every run of `mode`."""
     runs = []
     for case, (kind, batch) in workloads.CASES.items():
+        if kind == "single":
+            if mode == "single":
+                runs.append(("torch", case, batch, 1, False))
+                runs.append(("keras", case, batch, 1, False))
+            continue
         if case == "mp_torch_blocks":  # Its torch side is mp_blocks'.
             if mode == "single":
                 runs.append(("keras", case, batch, processes, False))

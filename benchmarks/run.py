@@ -19,6 +19,9 @@ last line one JSON object of ratios, each between two numbers of this run:
 - `mp_torch_module_*`: the same PyTorch blocks inside a Keras
   `TorchModuleWrapper`, laid out by a LayoutMap (torch's parallel styles),
   against the same plain tensor parallelism.
+- `single_*_step_ratio_vs_torch`: Keras's own training step on one
+  process over plain PyTorch's, same model, batch and optimizer (the MLP
+  with Adam and with AdamW, the transformer with Adam).
 - `data_check_ratio_vs_short_fit`: the check that every rank passed the
   same arrays, against a short `fit` (`data_check.py`).
 
@@ -149,6 +152,16 @@ def compare(results, processes):
         "collectives_per_step"
     ]
 
+    # Keras's own step on one process, against plain PyTorch's.
+    for name, case in (
+        ("mlp_adam", "dp_mlp"),
+        ("mlp_adamw", "mlp_adamw"),
+        ("transformer_adam", "dp_transformer"),
+    ):
+        keras_step = _whole_batch(results, "keras", case)["step_ms"]
+        torch_step = _whole_batch(results, "torch", case)["step_ms"]
+        summary[f"single_{name}_step_ratio_vs_torch"] = keras_step / torch_step
+
     for prefix, case, baseline in (
         ("dp", "dp_mlp", "ddp"),
         ("mp", "mp_blocks", "tp"),
@@ -167,6 +180,17 @@ def compare(results, processes):
             eager["loss"],
         ]
     return summary
+
+
+def _whole_batch(results, side, case):
+    """The single-process run of `case`'s whole model and global batch."""
+    runs = [
+        r
+        for r in results
+        if (r["mode"], r["side"], r["case"], r["shrink"])
+        == ("single", side, case, 1)
+    ]
+    return max(runs, key=lambda r: r["batch"])
 
 
 def _eager(results, found):

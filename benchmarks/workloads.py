@@ -23,17 +23,21 @@ CASES = {
     # The same PyTorch blocks inside a Keras TorchModuleWrapper, laid out
     # by a LayoutMap in PyTorch spelling (torch's parallel styles).
     "mp_torch_blocks": ("model", 8),
+    # The MLP with AdamW, on one process only: Keras's step against plain
+    # PyTorch's, the optimizer update being most of Keras's own overhead.
+    "mlp_adamw": ("single", 256),
 }
 MLP_SIZES = (784, 1024, 1024, 10)
 TRANSFORMER = dict(vocabulary=32, length=8, dim=16, heads=2, hidden=32)
 BLOCKS = dict(length=128, dim=256, heads=8)
 LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 0.004  # Keras AdamW's default.
 
 
 def batch(case, size, seed=0):
     """Inputs and targets of one batch of `case`, as NumPy arrays."""
     rng = np.random.RandomState(seed)
-    if case == "dp_mlp":
+    if case in ("dp_mlp", "mlp_adamw"):
         x = rng.randn(size, MLP_SIZES[0]).astype("float32")
         return x, rng.randint(0, MLP_SIZES[-1], size)
     if case == "dp_transformer":
@@ -131,11 +135,19 @@ class TorchBlocks(nn.Module):
 
 def torch_model(case, shrink=1):
     torch.manual_seed(0)
-    if case == "dp_mlp":
+    if case in ("dp_mlp", "mlp_adamw"):
         return TorchMLP()
     if case == "dp_transformer":
         return TorchTransformer()
     return TorchBlocks(shrink)
+
+
+def torch_optimizer(case, parameters):
+    if case == "mlp_adamw":
+        return torch.optim.AdamW(
+            parameters, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY
+        )
+    return torch.optim.Adam(parameters, lr=LEARNING_RATE)
 
 
 def torch_loss(case):
@@ -228,7 +240,7 @@ def keras_model(case, shrink=1):
     if case == "mp_torch_blocks":
         model = keras_torch_blocks(shrink)
         loss = "mse"
-    elif case == "dp_mlp":
+    elif case in ("dp_mlp", "mlp_adamw"):
         model = keras_mlp()
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     elif case == "dp_transformer":
@@ -237,8 +249,13 @@ def keras_model(case, shrink=1):
     else:
         model = keras_blocks(shrink)
         loss = "mse"
+    optimizer = keras.optimizers.Adam(LEARNING_RATE)
+    if case == "mlp_adamw":
+        optimizer = keras.optimizers.AdamW(
+            LEARNING_RATE, weight_decay=WEIGHT_DECAY
+        )
     model.compile(
-        optimizer=keras.optimizers.Adam(LEARNING_RATE),
+        optimizer=optimizer,
         loss=loss,
         jit_compile=False,
     )

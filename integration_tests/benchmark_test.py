@@ -18,6 +18,8 @@ FIELDS = (
     "mp_bytes_single_process",
     "dp_dist_cost_ratio",
     "mp_dist_cost_ratio",
+    "single_mlp_adam_step_ratio_vs_torch",
+    "single_mlp_adamw_step_ratio_vs_torch",
 )
 
 

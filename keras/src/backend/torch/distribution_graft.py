@@ -66,6 +66,9 @@ COMPANIONS = {
     "keras.src.backend.torch.ops.numpy": (  # Keras 3.16
         "keras.src.backend.torch.keras_edits.torch_numpy"
     ),
+    "keras.src.backend.torch.optimizers.torch_adam": (
+        "keras.src.backend.torch.keras_edits.torch_adam"
+    ),
     "keras.src.backend.torch.random": (
         "keras.src.backend.torch.keras_edits.torch_random"
     ),

@@ -72,6 +72,12 @@ KERAS_REPLACED = (
     *_in_both(NUMPY, "matmul", "torch_numpy"),
     *_in_both(NUMPY, "einsum", "torch_numpy"),
     (
+        "keras.src.backend.torch.optimizers.torch_adam",
+        "Adam._parallel_update_step",
+        "torch_adam",
+        None,
+    ),
+    (
         "keras.src.backend.torch.random",
         "categorical",
         "torch_random",
@@ -290,6 +296,11 @@ KERAS_USED = (
         "keras.src.trainers.data_adapters.data_adapter",
         "DataAdapter.num_batches",
     ),
+    # The Adam update reads the optimizer's slots by variable index.
+    (
+        "keras.src.optimizers.base_optimizer",
+        "BaseOptimizer._get_variable_index",
+    ),
 )
 
 # Checkpoints: the walk over what a save writes (the order and names of a
@@ -309,6 +320,18 @@ KERAS_SAVING_USED = (
 # layout report, `describe`):
 LAYOUT_MAP_ATTRIBUTES = ("_layout_map",)
 MODEL_PARALLEL_ATTRIBUTES = ("_layout_map",)
+# Set by `Adam.build` (`_velocity_hats` with amsgrad); read by
+# `optimizers/in_place_adam.py`.
+ADAM_ATTRIBUTES = (
+    "_momentums",
+    "_velocities",
+    "_velocity_hats",
+    "iterations",
+    "beta_1",
+    "beta_2",
+    "epsilon",
+    "amsgrad",
+)
 # What a torch parallel style takes and gives (a wrapped module's inputs
 # and outputs are laid out to match):
 PARALLEL_STYLE_ATTRIBUTES = ("input_layouts", "output_layouts")

@@ -54,6 +54,10 @@ class InternalsTest(testing.TestCase):
         distribution = keras.distribution.ModelParallel(layout_map=layout_map)
         for attribute in internals.MODEL_PARALLEL_ATTRIBUTES:
             self.assertTrue(hasattr(distribution, attribute), attribute)
+        optimizer = keras.optimizers.Adam(amsgrad=True)
+        optimizer.build([keras.Variable([1.0])])
+        for attribute in internals.ADAM_ATTRIBUTES:
+            self.assertTrue(hasattr(optimizer, attribute), attribute)
         from torch.distributed.tensor.parallel import ColwiseParallel
         from torch.distributed.tensor.parallel import RowwiseParallel
 
