@@ -25,8 +25,8 @@ module per file, each replacement a few lines calling in here; the graft
 (`../distribution_graft.py`) applies them when Keras is imported. Nothing
 here imports `keras_edits`.
 
-Public, stable names: `save_sharded`, `load_sharded` and `describe`, from
-this package:
+Public, stable names: `save_sharded`, `load_sharded`, `describe` and
+`plan`, from this package:
 
     from keras.src.backend.torch.distribution import load_sharded
     from keras.src.backend.torch.distribution import save_sharded
@@ -38,6 +38,7 @@ _PUBLIC = {
     "save_sharded": "keras.src.backend.torch.distribution.saving.sharded",
     "load_sharded": "keras.src.backend.torch.distribution.saving.sharded",
     "describe": "keras.src.backend.torch.distribution.diagnostics.describe",
+    "plan": "keras.src.backend.torch.distribution.diagnostics.describe",
 }
 
 

@@ -4,6 +4,7 @@
 variable's path, global shape, layout, this rank's shard shape and the
 LayoutMap key that chose the layout; then, for every rank, the bytes it
 holds sharded and replicated, for the weights and the optimizer state.
+Then, per rank, the bytes of its weights, gradients and optimizer state.
 It reads the variables' actual placements, communicates nothing, and
 prints the same on every rank.
 
@@ -16,16 +17,21 @@ sets the distribution and returns the built model):
 
 `--processes N` simulates N processes in this one with torch's fake
 process group (nothing is computed across them); under `torchrun`, leave
-it out and rank 0 prints.
+it out and rank 0 prints. `--device-memory 80GB` adds which ranks' training
+state would not fit and which weights to split; `--json` prints the
+figures as one JSON object, the last line (see `plan`).
+
+Per rank it counts the weights, their gradients and the optimizer's
+variables (`state_bytes.py`), exactly; not activations or a step's
+temporaries.
 """
 
 import argparse
 import importlib.util
-import math
+import json
 import os
 import sys
 
-import numpy as np
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Shard
@@ -33,20 +39,36 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from keras.src.backend.torch.distribution import layout_maps
 from keras.src.backend.torch.distribution import process_group
+from keras.src.backend.torch.distribution.diagnostics import state_bytes
 from keras.src.backend.torch.distribution.torch_modules import wrapped_modules
 from keras.src.distribution import distribution as current_distribution
 
 
-def describe(model, distribution=None):
+def describe(model, distribution=None, device_memory=None):
     """Describes how `distribution` lays out `model`.
 
     Args:
         model: a built Keras model (its optimizer counted when built).
         distribution: defaults to the current distribution.
+        device_memory: bytes of one device's memory (or text such as
+            `"80GB"`): adds which ranks' training state would not fit.
 
     Returns:
         The description, a string of aligned lines.
     """
+    return _described(model, distribution, device_memory)[0]
+
+
+def plan(model, distribution=None, device_memory=None):
+    """`describe`'s figures as a JSON-ready dict: `"ranks"`, one entry per
+    rank with `weights_bytes`, `gradient_bytes`, `optimizer_bytes` and
+    their sum `state_bytes`; with `device_memory`, `"fit"`: the ranks over
+    it and by how much, and the largest replicated weights with a
+    layout-map entry for each."""
+    return _described(model, distribution, device_memory)[1]
+
+
+def _described(model, distribution, device_memory):
     distribution = distribution or current_distribution()
     layout_map = getattr(distribution, "_layout_map", None)
     notes = _torch_module_notes(model)
@@ -59,7 +81,31 @@ def describe(model, distribution=None):
     lines = _aligned(rows)
     lines.append("")
     lines.extend(_bytes_per_rank(model))
-    return "\n".join(lines)
+    entries = state_bytes.per_rank(model)
+    lines.append("")
+    lines.extend(_state_table(entries))
+    result = {"processes": len(entries), "ranks": entries}
+    if device_memory is not None:
+        if isinstance(device_memory, str):
+            device_memory = state_bytes.parse_size(device_memory)
+        fit_lines, result["fit"] = state_bytes.fit_report(
+            model, entries, device_memory, _axis_to_split(distribution)
+        )
+        lines.append("")
+        lines.extend(fit_lines)
+    return "\n".join(lines), result
+
+
+def _axis_to_split(distribution):
+    """`(name, size)` of the widest mesh axis other than the batch's (the
+    batch's where it is the only one, as FSDP splits weights)."""
+    mesh = getattr(distribution, "device_mesh", None)
+    if mesh is None:
+        return ("model", 1)
+    batch = getattr(distribution, "batch_dim_name", None)
+    axes = list(zip(mesh.axis_names, mesh.shape))
+    others = [a for a in axes if a[0] != batch and a[1] > 1]
+    return max(others or axes, key=lambda a: a[1])
 
 
 def _torch_module_notes(model):
@@ -106,22 +152,6 @@ def _layout_text(value):
     return f"({', '.join(text)})"
 
 
-def local_shape_on(value, rank):
-    """The shape of `rank`'s block of DTensor `value`, as DTensor splits it
-    (`torch.chunk` along each sharded dim, in mesh order)."""
-    ranks = value.device_mesh.mesh.numpy()
-    coordinate = np.argwhere(ranks == rank)[0]
-    shape = list(value.shape)
-    for mesh_dim, placement in enumerate(value.placements):
-        if isinstance(placement, Shard):
-            shape[placement.dim], _ = Shard.local_shard_size_and_offset(
-                shape[placement.dim],
-                ranks.shape[mesh_dim],
-                int(coordinate[mesh_dim]),
-            )
-    return shape
-
-
 def _bytes_per_rank(model):
     """One line per rank: bytes held sharded and replicated."""
     groups = {"weights": [v.value for v in model.weights]}
@@ -129,19 +159,20 @@ def _bytes_per_rank(model):
     if optimizer is not None and optimizer.built:
         groups["optimizer"] = [v.value for v in optimizer.variables]
     values = [v for group in groups.values() for v in group]
-    ranks = sorted(
-        {
-            int(r)
-            for v in values
-            if isinstance(v, DTensor)
-            for r in v.device_mesh.mesh.flatten()
-        }
-    ) or [0]
     lines = []
-    for rank in ranks:
+    for rank in state_bytes.ranks_of(values):
         parts = []
         for name, group in groups.items():
-            sharded, replicated = _held_bytes(group, rank)
+            sharded = sum(
+                state_bytes.bytes_on(v, rank)
+                for v in group
+                if state_bytes.is_sharded(v)
+            )
+            replicated = sum(
+                state_bytes.bytes_on(v, rank)
+                for v in group
+                if not state_bytes.is_sharded(v)
+            )
             parts.append(
                 f"{name} {sharded:,} B sharded + {replicated:,} B replicated"
             )
@@ -149,17 +180,18 @@ def _bytes_per_rank(model):
     return lines
 
 
-def _held_bytes(values, rank):
-    sharded = replicated = 0
-    for value in values:
-        itemsize = value.element_size()
-        if isinstance(value, DTensor) and any(
-            isinstance(p, Shard) for p in value.placements
-        ):
-            sharded += math.prod(local_shape_on(value, rank)) * itemsize
-        else:
-            replicated += math.prod(value.shape) * itemsize
-    return sharded, replicated
+def _state_table(entries):
+    """Per rank: weights, gradients, optimizer state and their total."""
+    rows = [("rank", "weights", "gradients", "optimizer", "total")]
+    for e in entries:
+        rows.append(
+            (str(e["rank"]),)
+            + tuple(
+                f"{e[f]:,} B"
+                for f in state_bytes.FIELDS + ("state_bytes",)
+            )
+        )
+    return _aligned(rows)
 
 
 def _shape(shape):
@@ -216,12 +248,31 @@ def main(argv=None):
         type=int,
         help="simulate this many processes (torch's fake process group)",
     )
+    parser.add_argument(
+        "--device-memory",
+        help="one device's memory, such as 80GB or 80GiB: says which ranks "
+        "would not fit and which weights to split",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="also print the figures as one JSON object, the last line",
+    )
     args = parser.parse_args(argv)
+    device_memory = None
+    if args.device_memory is not None:
+        try:
+            device_memory = state_bytes.parse_size(args.device_memory)
+        except ValueError as error:
+            parser.error(str(error))
     if args.processes:
         _start_fake_processes(args.processes)
     model = _load_function(args.target)()
+    text, result = _described(model, None, device_memory)
     if args.processes or process_group.is_rank_zero():
-        print(describe(model))
+        print(text)
+        if args.json:
+            print(json.dumps(result))
 
 
 if __name__ == "__main__":
