@@ -258,7 +258,7 @@ def configurations(mode, processes):
         else:
             runs.append(("torch", case, batch, 1, False))
             runs.append(("keras", case, batch, 1, False))
-            if case != "dp_transformer":
+            if case not in workloads.TRANSFORMERS:
                 runs.append(("keras", case, batch, 1, True))
     return runs
 

@@ -21,7 +21,7 @@ last line one JSON object of ratios, each between two numbers of this run:
   against the same plain tensor parallelism.
 - `single_*_step_ratio_vs_torch`: Keras's own training step on one
   process over plain PyTorch's, same model, batch and optimizer (the MLP
-  with Adam and with AdamW, the transformer with Adam).
+  with Adam and with AdamW, both transformers with Adam).
 - `data_check_ratio_vs_short_fit`: the check that every rank passed the
   same arrays, against a short `fit` (`data_check.py`).
 
@@ -99,7 +99,7 @@ def compare(results, processes):
     """The JSON summary: every ratio of the module docstring."""
     summary = {}
     dp_step, dp_cost = [], []
-    for case in ("dp_mlp", "dp_transformer"):
+    for case in ("dp_mlp", "dp_transformer", "dp_transformer_large"):
         ours = find(results, mode="distributed", side="keras", case=case)
         ddp = find(results, mode="distributed", side="torch", case=case)
         share = dict(mode="single", case=case, shrink=1)
@@ -157,6 +157,7 @@ def compare(results, processes):
         ("mlp_adam", "dp_mlp"),
         ("mlp_adamw", "mlp_adamw"),
         ("transformer_adam", "dp_transformer"),
+        ("transformer_large_adam", "dp_transformer_large"),
     ):
         keras_step = _whole_batch(results, "keras", case)["step_ms"]
         torch_step = _whole_batch(results, "torch", case)["step_ms"]

@@ -19,6 +19,9 @@ CASES = {
     # name: (kind, global batch)
     "dp_mlp": ("data", 256),
     "dp_transformer": ("data", 64),
+    # The same transformer at a working size, where Keras's per-layer
+    # overhead weighs less against the arithmetic.
+    "dp_transformer_large": ("data", 32),
     "mp_blocks": ("model", 8),
     # The same PyTorch blocks inside a Keras TorchModuleWrapper, laid out
     # by a LayoutMap in PyTorch spelling (torch's parallel styles).
@@ -29,6 +32,12 @@ CASES = {
 }
 MLP_SIZES = (784, 1024, 1024, 10)
 TRANSFORMER = dict(vocabulary=32, length=8, dim=16, heads=2, hidden=32)
+TRANSFORMERS = {
+    "dp_transformer": TRANSFORMER,
+    "dp_transformer_large": dict(
+        vocabulary=1000, length=128, dim=256, heads=8, hidden=1024
+    ),
+}
 BLOCKS = dict(length=128, dim=256, heads=8)
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.004  # Keras AdamW's default.
@@ -40,8 +49,8 @@ def batch(case, size, seed=0):
     if case in ("dp_mlp", "mlp_adamw"):
         x = rng.randn(size, MLP_SIZES[0]).astype("float32")
         return x, rng.randint(0, MLP_SIZES[-1], size)
-    if case == "dp_transformer":
-        t = TRANSFORMER
+    if case in TRANSFORMERS:
+        t = TRANSFORMERS[case]
         x = rng.randint(0, t["vocabulary"], (size, t["length"]))
         return x, rng.randint(0, 4, size)
     shape = (size, BLOCKS["length"], BLOCKS["dim"])
@@ -88,9 +97,8 @@ class TorchAttention(nn.Module):
 
 
 class TorchTransformer(nn.Module):
-    def __init__(self):
+    def __init__(self, t=TRANSFORMER):
         super().__init__()
-        t = TRANSFORMER
         dim = t["dim"]
         self.embedding = nn.Embedding(t["vocabulary"], dim)
         self.attention_norm = nn.LayerNorm(dim, eps=1e-3)
@@ -137,8 +145,8 @@ def torch_model(case, shrink=1):
     torch.manual_seed(0)
     if case in ("dp_mlp", "mlp_adamw"):
         return TorchMLP()
-    if case == "dp_transformer":
-        return TorchTransformer()
+    if case in TRANSFORMERS:
+        return TorchTransformer(TRANSFORMERS[case])
     return TorchBlocks(shrink)
 
 
@@ -184,8 +192,24 @@ def keras_mlp():
     )
 
 
-def keras_transformer():
-    return distribution_test_models.transformer()
+def keras_transformer(case):
+    """The tests' small transformer, or `TorchTransformer`'s layers at the
+    case's size."""
+    if case == "dp_transformer":
+        return distribution_test_models.transformer()
+    t = TRANSFORMERS[case]
+    tokens = keras.Input((t["length"],), dtype="int32")
+    x = keras.layers.Embedding(t["vocabulary"], t["dim"])(tokens)
+    h = keras.layers.LayerNormalization()(x)
+    h = keras.layers.MultiHeadAttention(t["heads"], t["dim"] // t["heads"])(
+        h, h
+    )
+    x = x + h
+    h = keras.layers.LayerNormalization()(x)
+    h = keras.layers.Dense(t["hidden"], activation="gelu")(h)
+    x = x + keras.layers.Dense(t["dim"])(h)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(tokens, keras.layers.Dense(4)(x))
 
 
 def keras_blocks(shrink=1):
@@ -243,8 +267,8 @@ def keras_model(case, shrink=1):
     elif case in ("dp_mlp", "mlp_adamw"):
         model = keras_mlp()
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    elif case == "dp_transformer":
-        model = keras_transformer()
+    elif case in TRANSFORMERS:
+        model = keras_transformer(case)
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     else:
         model = keras_blocks(shrink)

@@ -20,6 +20,7 @@ FIELDS = (
     "mp_dist_cost_ratio",
     "single_mlp_adam_step_ratio_vs_torch",
     "single_mlp_adamw_step_ratio_vs_torch",
+    "dp_transformer_large_step_ratio_vs_ddp",
 )
 
 
