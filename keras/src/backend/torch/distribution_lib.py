@@ -226,6 +226,7 @@ def _to_backend_device(device_name):
     return torch.device("cuda", rank % torch.cuda.device_count())
 
 
+@process_group.with_real_tensors
 def _to_backend_mesh(device_mesh):
     """Convert the Keras `DeviceMesh` to a torch `DeviceMesh`.
 

@@ -28,6 +28,7 @@ rules:
 import atexit
 import collections
 import datetime
+import functools
 import os
 import random
 import re
@@ -36,6 +37,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from keras.src.backend.torch.distribution import failure_watch
 
@@ -136,6 +138,20 @@ def prints_here():
     return os.environ.get(PRINT_ALL_RANKS_ENV) == "1" or is_rank_zero()
 
 
+def with_real_tensors(function):
+    """`function` runs with real tensors, also while a step is planned on
+    fake ones (`diagnostics/step_plan.py`): control traffic and process
+    groups exchange real values."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        with unset_fake_temporarily():
+            return function(*args, **kwargs)
+
+    return run
+
+
+@with_real_tensors
 def agree(value):
     """Rank 0's `value` (any picklable object), on every rank."""
     if not is_multi_process():
@@ -152,6 +168,7 @@ def agree_tensor(tensor):
         dist.broadcast(tensor, src=0, group=control_group())
 
 
+@with_real_tensors
 def all_equal(number):
     """Whether `number` (an int of at most 62 bits) is the same on every
     rank: one all-reduce of its largest and negated smallest value."""
@@ -162,6 +179,7 @@ def all_equal(number):
     return extremes[0].item() == -extremes[1].item()
 
 
+@with_real_tensors
 def gather(value):
     """Every rank's `value` (any picklable object), in rank order."""
     if not is_multi_process():

@@ -296,6 +296,10 @@ KERAS_USED = (
         "keras.src.trainers.data_adapters.data_adapter",
         "DataAdapter.num_batches",
     ),
+    # A simulated step builds what `fit` builds before its first step;
+    # a model built for planning draws no random numbers.
+    ("keras.src.trainers.trainer", "Trainer._symbolic_build"),
+    ("keras.src.backend.torch.random", "torch_seed_generator"),
     # The Adam update reads the optimizer's slots by variable index.
     (
         "keras.src.optimizers.base_optimizer",
@@ -359,6 +363,18 @@ TENSORFLOW_USED = (
 )
 
 TORCH_USED = (
+    # Planning on fake tensors: torch 2.13 computes shard offsets with
+    # index tensors, which fake mode cannot read; a plan computes them for
+    # real (`diagnostics/step_plan.py`).
+    (
+        "torch.distributed.tensor.placement_types",
+        "_StridedShard.local_shard_size_and_offset",
+    ),
+    (
+        "torch.distributed.tensor._utils",
+        "_compute_local_shape_and_global_offset",
+    ),
+    ("torch._subclasses.fake_tensor", "unset_fake_temporarily"),
     # The store of the default process group, shared by every rank.
     ("torch.distributed.distributed_c10d", "_get_default_store"),
     # The default group's backends by device (control traffic on CPU, a

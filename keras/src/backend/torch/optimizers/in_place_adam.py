@@ -33,6 +33,7 @@ variables take the same ops (DTensor propagates each).
 """
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.tensor import DTensor
 
 from keras.src import ops
@@ -54,11 +55,16 @@ SINGLE_ROUNDING_DTYPES = (torch.float32, torch.float64)
 
 def host_scalar(tensor):
     """`tensor`'s value as a Python number when reading it costs no device
-    wait (a CPU tensor, or a replicated DTensor's CPU block), else None."""
+    wait (a CPU tensor, or a replicated DTensor's CPU block), else None.
+    A fake CPU tensor (a step being planned, `diagnostics/step_plan.py`)
+    has no value: 0.0 stands in, so that the plan runs the real step's
+    ops."""
     if isinstance(tensor, DTensor):
         tensor = tensor.to_local()
     if tensor.device.type != "cpu":
         return None
+    if is_fake(tensor):
+        return 0.0
     return tensor.item()
 
 

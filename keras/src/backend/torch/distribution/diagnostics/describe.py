@@ -40,35 +40,47 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from keras.src.backend.torch.distribution import layout_maps
 from keras.src.backend.torch.distribution import process_group
 from keras.src.backend.torch.distribution.diagnostics import state_bytes
+from keras.src.backend.torch.distribution.diagnostics import step_plan
 from keras.src.backend.torch.distribution.torch_modules import wrapped_modules
 from keras.src.distribution import distribution as current_distribution
 
 
-def describe(model, distribution=None, device_memory=None):
+def describe(
+    model, distribution=None, device_memory=None, batch=None, sequence=None
+):
     """Describes how `distribution` lays out `model`.
 
     Args:
         model: a built Keras model (its optimizer counted when built).
         distribution: defaults to the current distribution.
         device_memory: bytes of one device's memory (or text such as
-            `"80GB"`): adds which ranks' training state would not fit.
+            `"80GB"`): adds which ranks would not fit, and by how much.
+        batch: a global batch size: adds what a training step on it costs
+            (peak activation bytes, collectives), from a step simulated on
+            fake tensors (`step_plan.py`); the model must be compiled.
+        sequence: the size of the inputs' unknown dims other than the
+            batch (a sequence length), for `batch`.
 
     Returns:
         The description, a string of aligned lines.
     """
-    return _described(model, distribution, device_memory)[0]
+    return _described(model, distribution, device_memory, batch, sequence)[0]
 
 
-def plan(model, distribution=None, device_memory=None):
-    """`describe`'s figures as a JSON-ready dict: `"ranks"`, one entry per
-    rank with `weights_bytes`, `gradient_bytes`, `optimizer_bytes` and
-    their sum `state_bytes`; with `device_memory`, `"fit"`: the ranks over
-    it and by how much, and the largest replicated weights with a
-    layout-map entry for each."""
-    return _described(model, distribution, device_memory)[1]
+def plan(
+    model, distribution=None, device_memory=None, batch=None, sequence=None
+):
+    """`describe`'s figures as a JSON-ready dict. `"ranks"`: one entry per
+    rank with `weights_bytes`, `gradient_bytes`, `optimizer_bytes`, their
+    sum `state_bytes`, and with `batch`, `activation_bytes_peak` and
+    `total_bytes`; with `batch`, `"step"`: `collectives_per_step` and
+    `collective_bytes_per_step` by kind; with `device_memory`, `"fit"`:
+    the ranks over it and by how much, and the largest replicated weights
+    with a layout-map entry for each."""
+    return _described(model, distribution, device_memory, batch, sequence)[1]
 
 
-def _described(model, distribution, device_memory):
+def _described(model, distribution, device_memory, batch, sequence):
     distribution = distribution or current_distribution()
     layout_map = getattr(distribution, "_layout_map", None)
     notes = _torch_module_notes(model)
@@ -82,9 +94,25 @@ def _described(model, distribution, device_memory):
     lines.append("")
     lines.extend(_bytes_per_rank(model))
     entries = state_bytes.per_rank(model)
+    result = {"processes": len(entries), "ranks": entries}
+    if batch is not None:
+        step = step_plan.simulate(model, batch, sequence)
+        # The step's peak holds this rank's gradients, counted apart.
+        here = dist.get_rank() if dist.is_initialized() else 0
+        (gradients,) = [
+            e["gradient_bytes"] for e in entries if e["rank"] == here
+        ]
+        activations = max(0, step.pop("step_bytes_peak") - gradients)
+        for entry in entries:
+            # Simulated on this rank; see `_step_lines`.
+            entry["activation_bytes_peak"] = activations
+            entry["total_bytes"] = entry["state_bytes"] + activations
+        result["step"] = dict(step, batch=batch, sequence=sequence)
     lines.append("")
     lines.extend(_state_table(entries))
-    result = {"processes": len(entries), "ranks": entries}
+    if batch is not None:
+        lines.append("")
+        lines.extend(_step_lines(result["step"]))
     if device_memory is not None:
         if isinstance(device_memory, str):
             device_memory = state_bytes.parse_size(device_memory)
@@ -94,6 +122,21 @@ def _described(model, distribution, device_memory):
         lines.append("")
         lines.extend(fit_lines)
     return "\n".join(lines), result
+
+
+def _step_lines(step):
+    kinds = step["collectives_per_step"]
+    sent = step["collective_bytes_per_step"]
+    text = ", ".join(
+        f"{count} {kind} ({sent[kind]:,} B)" for kind, count in kinds.items()
+    )
+    return [
+        f"A training step on a global batch of {step['batch']}"
+        + (f", sequences of {step['sequence']}" if step["sequence"] else "")
+        + f": collectives {text or 'none'}. Activations are this rank's,"
+        " simulated; ranks with smaller blocks of an unevenly split dim hold"
+        " a little less."
+    ]
 
 
 def _axis_to_split(distribution):
@@ -181,16 +224,16 @@ def _bytes_per_rank(model):
 
 
 def _state_table(entries):
-    """Per rank: weights, gradients, optimizer state and their total."""
-    rows = [("rank", "weights", "gradients", "optimizer", "total")]
+    """Per rank: weights, gradients, optimizer state, activations when a
+    step was simulated, and their total."""
+    fields = state_bytes.FIELDS + ("state_bytes",)
+    header = ("rank", "weights", "gradients", "optimizer", "total")
+    if "activation_bytes_peak" in entries[0]:
+        fields = state_bytes.FIELDS + ("activation_bytes_peak", "total_bytes")
+        header = header[:4] + ("activations", "total")
+    rows = [header]
     for e in entries:
-        rows.append(
-            (str(e["rank"]),)
-            + tuple(
-                f"{e[f]:,} B"
-                for f in state_bytes.FIELDS + ("state_bytes",)
-            )
-        )
+        rows.append((str(e["rank"]),) + tuple(f"{e[f]:,} B" for f in fields))
     return _aligned(rows)
 
 
@@ -254,6 +297,17 @@ def main(argv=None):
         "would not fit and which weights to split",
     )
     parser.add_argument(
+        "--batch",
+        type=int,
+        help="a global batch size: adds a training step's activations and "
+        "collectives, simulated on fake tensors",
+    )
+    parser.add_argument(
+        "--sequence",
+        type=int,
+        help="with --batch: the size of the inputs' other unknown dims",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="also print the figures as one JSON object, the last line",
@@ -267,8 +321,16 @@ def main(argv=None):
             parser.error(str(error))
     if args.processes:
         _start_fake_processes(args.processes)
-    model = _load_function(args.target)()
-    text, result = _described(model, None, device_memory)
+    build = _load_function(args.target)
+    if args.processes:
+        # Simulated ranks: nothing is materialized (`step_plan.planning`).
+        with step_plan.planning():
+            model = build()
+    else:
+        model = build()
+    text, result = _described(
+        model, None, device_memory, args.batch, args.sequence
+    )
     if args.processes or process_group.is_rank_zero():
         print(text)
         if args.json:

@@ -182,6 +182,8 @@ class DescribeTest(testing.TestCase):
                 "4",
                 "--device-memory",
                 "400B",
+                "--batch",
+                "8",
                 "--json",
             ],
             env=env,
@@ -207,7 +209,18 @@ class DescribeTest(testing.TestCase):
         # (8 + 4 floats each), plus the biases' 36 B on every rank.
         weights = [e["weights_bytes"] for e in summary["ranks"]]
         self.assertEqual(weights, [132, 132, 84, 36])
-        totals = [e["state_bytes"] for e in summary["ranks"]]
+        # A step on 8 rows, simulated: its activations count, and its
+        # row-parallel kernel's all-reduce.
+        self.assertIn("activations", result.stdout)
+        collectives = summary["step"]["collectives_per_step"]
+        self.assertEqual(collectives["all_reduce"], 1)
+        totals = [e["total_bytes"] for e in summary["ranks"]]
+        for entry in summary["ranks"]:
+            self.assertGreater(entry["activation_bytes_peak"], 0)
+            self.assertEqual(
+                entry["total_bytes"],
+                entry["state_bytes"] + entry["activation_bytes_peak"],
+            )
         over = summary["fit"]["ranks_over"]
         self.assertEqual(
             over,

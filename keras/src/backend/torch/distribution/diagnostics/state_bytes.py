@@ -133,24 +133,31 @@ def fit_report(model, entries, device_memory, axis):
     Args:
         axis: `(name, size)` of the mesh axis to suggest splitting over.
     """
+    # With a simulated step, activations count too.
+    field = "total_bytes" if "total_bytes" in entries[0] else "state_bytes"
+    what = (
+        "weights, gradients, optimizer state and activations"
+        if field == "total_bytes"
+        else "weights, gradients and optimizer state alone; activations "
+        "come on top (give --batch)"
+    )
     over = [
-        {"rank": e["rank"], "over_bytes": e["state_bytes"] - device_memory}
+        {"rank": e["rank"], "over_bytes": e[field] - device_memory}
         for e in entries
-        if e["state_bytes"] > device_memory
+        if e[field] > device_memory
     ]
     lines = []
     if over:
         worst = max(o["over_bytes"] for o in over)
         lines.append(
             f"{len(over)} of {len(entries)} ranks would not fit in "
-            f"{device_memory:,} B of device memory (weights, gradients "
-            f"and optimizer state alone; activations come on top): "
-            f"over by up to {worst:,} B."
+            f"{device_memory:,} B of device memory ({what}): over by up "
+            f"to {worst:,} B."
         )
     else:
         lines.append(
-            f"Every rank's weights, gradients and optimizer state fit in "
-            f"{device_memory:,} B (activations come on top)."
+            f"Every rank fits in {device_memory:,} B of device memory "
+            f"({what})."
         )
     axis_name, axis_size = axis
     suggestions = []

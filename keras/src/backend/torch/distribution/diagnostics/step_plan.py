@@ -1,0 +1,272 @@
+"""What one training step costs a rank, found without computing it.
+
+`simulate(model, batch, sequence)` runs the model's training step, the one
+`fit` runs (either route of `steps/`), on fake tensors: torch's
+`FakeTensorMode` gives every op's output its shape, dtype and layout and
+no memory or arithmetic. Under the fake process group of `describe
+--processes N` the step's collectives are issued and not carried out, so a
+mesh larger than the machine is planned from one process. Two things are
+recorded at the dispatcher, where DTensor's collectives, the gradient
+buckets' and every direct `torch.distributed` call arrive:
+
+- collectives: how many of each kind a step issues, and the bytes they
+  send (the sum of their input tensors, as the benchmarks count them);
+- memory: the bytes of the tensors the step creates, live at each moment
+  (a storage counts from the op that makes it until it is freed), and
+  their peak: activations saved for backward, gradients as they form, and
+  the step's temporaries. The weights and optimizer state the step starts
+  with are not in it (`state_bytes.py` counts those).
+
+A model's first step of a kind on the data-parallel route takes the
+DTensor route once; the figures are those of the last of `steps`
+simulated steps, the steady state. Variables and per-model step state are
+put back afterwards: the model trains on as if nothing had run.
+"""
+
+import contextlib
+import weakref
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.distributed.tensor import _utils as dtensor_utils
+from torch.distributed.tensor import placement_types
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from keras.src import tree
+from keras.src.backend.torch import random as torch_random
+from keras.src.backend.torch.distribution import process_group
+from keras.src.backend.torch.distribution.steps import route
+
+COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
+ALLOCATES_NOTHING = (torch.ops.aten.lift_fresh.default,)
+NOT_COLLECTIVES = (
+    "wait_tensor",
+    "barrier",
+    "monitored_barrier",
+    "_wrap_tensor_autograd",
+)
+
+
+class StepRecorder(TorchDispatchMode):
+    """Counts collectives and follows the bytes of live storages."""
+
+    def __init__(self):
+        super().__init__()
+        self.start_step()
+
+    def start_step(self):
+        self.collectives = {}
+        self.collective_bytes = {}
+        self.live = 0
+        self.peak = 0
+        self.tracked = {}  # id(storage) -> finalizer
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t not in (torch.Tensor, FakeTensor) for t in types):
+            return NotImplemented  # DTensor runs its own ops, then ours.
+        if func.namespace in COLLECTIVE_NAMESPACES:
+            name = func.__name__.split(".")[0]
+            kind = name.strip("_")
+            if name not in NOT_COLLECTIVES:
+                sent = sum(
+                    t.numel() * t.element_size()
+                    for t in tree_leaves(args)
+                    if isinstance(t, torch.Tensor)
+                )
+                self.collectives[kind] = self.collectives.get(kind, 0) + 1
+                self.collective_bytes[kind] = (
+                    self.collective_bytes.get(kind, 0) + sent
+                )
+        kwargs = kwargs or {}
+        outputs = func(*args, **kwargs)
+        # Ops that write into their arguments, views and lifts of existing
+        # tensors into fake ones allocate nothing.
+        if func._schema.is_mutable or func in ALLOCATES_NOTHING:
+            return outputs
+        for output in tree_leaves(outputs):
+            if isinstance(output, torch.Tensor) and not output._is_view():
+                self._track(output)
+        return outputs
+
+    def _track(self, tensor):
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self.tracked and self.tracked[key].alive:
+            return
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        self.tracked[key] = weakref.finalize(storage, self._free, size)
+
+    def _free(self, size):
+        self.live -= size
+
+    def result(self):
+        return {
+            "step_bytes_peak": self.peak,
+            "collectives_per_step": dict(sorted(self.collectives.items())),
+            "collective_bytes_per_step": dict(
+                sorted(self.collective_bytes.items())
+            ),
+        }
+
+
+def example_batch(model, batch, sequence=None, device=None):
+    """Zero inputs and targets of one global batch, as torch tensors (fake
+    ones under `FakeTensorMode`): `batch` for each input's first dim,
+    `sequence` for the other unknown dims. Targets match the outputs, as
+    class indices under a sparse loss."""
+
+    def zeros(keras_tensor, sparse=False):
+        shape = list(keras_tensor.shape)
+        shape[0] = batch
+        for i, size in enumerate(shape[1:], start=1):
+            if size is None:
+                if sequence is None:
+                    raise ValueError(
+                        f"An input or output of {model.name} has a dim of "
+                        f"unknown size (shape {tuple(keras_tensor.shape)}): "
+                        "give --sequence."
+                    )
+                shape[i] = sequence
+        dtype = keras_tensor.dtype
+        if sparse:
+            shape, dtype = shape[:-1], "int32"
+        return torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
+
+    sparse = "sparse" in type(model.loss).__name__.lower() or "sparse" in str(
+        model.loss
+    )
+    inputs = tree.map_structure(zeros, _structure(model, "input"))
+    targets = tree.map_structure(
+        lambda t: zeros(t, sparse), _structure(model, "output")
+    )
+    return inputs, targets
+
+
+@contextlib.contextmanager
+def planning():
+    """Inside, models are built on fake tensors: variables have shapes,
+    dtypes and layouts, and no memory; initializers draw no numbers (the
+    torch backend's seed generator is switched off). Yields the fake mode,
+    which `simulate` then uses for the step."""
+    # The process group starts for real (its first collectives check it).
+    process_group.ensure_started()
+    seed_generator = torch_random.torch_seed_generator
+    torch_random.torch_seed_generator = lambda seed: None
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with mode:
+            yield mode
+    finally:
+        torch_random.torch_seed_generator = seed_generator
+
+
+# DTensor functions that compute shard offsets with index tensors and read
+# them back, which fake mode refuses (torch 2.13): (owner, name).
+OFFSET_FUNCTIONS = (
+    (placement_types._StridedShard, "local_shard_size_and_offset"),
+    (dtensor_utils, "_compute_local_shape_and_global_offset"),
+)
+
+
+@contextlib.contextmanager
+def _offsets_for_real():
+    """Inside, DTensor's shard offsets are computed on real (small) index
+    tensors, also in a step on fake ones."""
+
+    def for_real(upstream):
+        def run(*args, **kwargs):
+            with unset_fake_temporarily():
+                return upstream(*args, **kwargs)
+
+        return run
+
+    upstreams = [owner.__dict__[name] for owner, name in OFFSET_FUNCTIONS]
+    for (owner, name), upstream in zip(OFFSET_FUNCTIONS, upstreams):
+        setattr(owner, name, for_real(upstream))
+    try:
+        yield
+    finally:
+        for (owner, name), upstream in zip(OFFSET_FUNCTIONS, upstreams):
+            setattr(owner, name, upstream)
+
+
+def fake_mode_of(model):
+    """The fake mode `model`'s variables were made in, or None."""
+    for variable in model.weights:
+        value = variable.value
+        local = getattr(value, "_local_tensor", value)
+        if isinstance(local, FakeTensor):
+            return local.fake_mode
+    return None
+
+
+def _structure(model, name):
+    """A functional model's `input` or `output` as it was given (a dict,
+    a list, one tensor); other models' `inputs` or `outputs`, a single
+    one unwrapped."""
+    try:
+        return getattr(model, name)
+    except AttributeError:
+        flat = getattr(model, name + "s")
+        return flat[0] if len(flat) == 1 else flat
+
+
+def simulate(model, batch, sequence=None, steps=2):
+    """Costs of one training step of `model` on a global batch of `batch`
+    (sequences of `sequence`), as a dict: `step_bytes_peak` (the peak of
+    the bytes the step allocates), `collectives_per_step` and
+    `collective_bytes_per_step` (by kind).
+
+    The model must be compiled; its optimizer is built first if it is not.
+    A model built under `planning()` is simulated in the same fake mode.
+    """
+    # What `fit` builds before its first step, built as `fit` does it (on
+    # shapes alone): built under fake tensors, the loss and metrics would
+    # keep fake state, and a later `fit`, skipping its own build, would
+    # draw its random numbers in another order.
+    model._symbolic_build(
+        data_batch=example_batch(model, batch, sequence, device="meta")
+    )
+    optimizer = model.optimizer
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    model.make_train_function()
+    variables = _all_variables(model)
+    # Backward leaves fake gradients on the real parameters: put back
+    # those the parameters had (usually none), with the values.
+    saved = [(v._value, getattr(v._value, "grad", None)) for v in variables]
+    state = model.__dict__.pop(route.STATE_ATTRIBUTE, None)
+    recorder = StepRecorder()
+    mode = fake_mode_of(model) or FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with _offsets_for_real(), mode:
+            x, y = example_batch(model, batch, sequence)
+            with recorder:
+                for _ in range(steps):
+                    recorder.start_step()
+                    model.train_function([(x, y, None)])
+        return recorder.result()
+    finally:
+        for variable, (value, grad) in zip(variables, saved):
+            variable._value = value
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                value.grad = grad
+        model.__dict__.pop(route.STATE_ATTRIBUTE, None)
+        if state is not None:
+            model.__dict__[route.STATE_ATTRIBUTE] = state
+
+
+def _all_variables(model):
+    found = {}
+    for variable in (
+        list(model.variables)
+        + list(model.optimizer.variables)
+        + list(model.metrics_variables)
+    ):
+        found[id(variable)] = variable
+    return list(found.values())
