@@ -18,7 +18,8 @@ module's counterpart (devices, `initialize`, `distribute_tensor`,
     data/               every input Keras takes, split across processes
     saving/             files written once; sharded checkpoints
     torch_modules/      PyTorch modules laid out by a LayoutMap
-    diagnostics/        layout report; `describe` (plans for any mesh)
+    diagnostics/        layout report; `describe`/`plan` (memory and
+                        collectives per rank, for any mesh)
 
 `../keras_edits/` holds the edits to Keras's own files, one companion
 module per file, each replacement a few lines calling in here; the graft
