@@ -298,7 +298,8 @@ KERAS_USED = (
     ),
     # A simulated step builds what `fit` builds before its first step;
     # a model built for planning draws no random numbers.
-    ("keras.src.trainers.trainer", "Trainer._symbolic_build"),
+    ("keras.src.trainers.trainer", "Trainer._symbolic_build", "3.15"),
+    ("keras.src.trainers.trainer", "BaseTrainer._symbolic_build", "3.16"),
     ("keras.src.backend.torch.random", "torch_seed_generator"),
     # The Adam update reads the optimizer's slots by variable index.
     (
