@@ -9,8 +9,8 @@ mesh larger than the machine is planned from one process. Two things are
 recorded at the dispatcher, where DTensor's collectives, the gradient
 buckets' and every direct `torch.distributed` call arrive:
 
-- collectives: how many of each kind a step issues, and the bytes they
-  send (the sum of their input tensors, as the benchmarks count them);
+- collectives: how many of each kind a step issues, and the bytes of the
+  tensors passed to them (as the benchmarks count them);
 - memory: the bytes of the tensors the step creates, live at each moment
   (a storage counts from the op that makes it until it is freed), and
   their peak: activations saved for backward, gradients as they form, and
@@ -19,8 +19,15 @@ buckets' and every direct `torch.distributed` call arrive:
 
 A model's first step of a kind on the data-parallel route takes the
 DTensor route once; the figures are those of the last of `steps`
-simulated steps, the steady state. Variables and per-model step state are
-put back afterwards: the model trains on as if nothing had run.
+simulated steps, the steady state. Variables, gradients and per-model
+step state are put back afterwards; the loss and metrics stay built, as
+`fit` would have built them, so the model trains on as if nothing had run.
+
+`planning()` builds models on fake tensors in the first place, so that
+nothing of a large model is ever allocated. Two gaps of torch 2.13's fake
+mode are bridged while planning: control traffic and mesh creation run
+on real tensors (`process_group.with_real_tensors`), and so do DTensor's
+shard-offset helpers, which read index tensors back (`_offsets_for_real`).
 """
 
 import contextlib
@@ -58,6 +65,10 @@ class StepRecorder(TorchDispatchMode):
         self.start_step()
 
     def start_step(self):
+        """Counts from zero: what earlier steps made no longer counts,
+        when it is freed either."""
+        for finalizer in getattr(self, "tracked", {}).values():
+            finalizer.detach()
         self.collectives = {}
         self.collective_bytes = {}
         self.live = 0
