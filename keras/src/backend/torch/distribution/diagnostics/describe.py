@@ -197,25 +197,22 @@ def _layout_text(value):
 
 def _bytes_per_rank(model):
     """One line per rank: bytes held sharded and replicated."""
-    groups = {"weights": [v.value for v in model.weights]}
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and optimizer.built:
-        groups["optimizer"] = [v.value for v in optimizer.variables]
+    all_groups = state_bytes.groups_of(model)
+    groups = {"weights": all_groups["weights_bytes"]}
+    if all_groups["optimizer_bytes"]:
+        groups["optimizer"] = all_groups["optimizer_bytes"]
     values = [v for group in groups.values() for v in group]
     lines = []
     for rank in state_bytes.ranks_of(values):
         parts = []
         for name, group in groups.items():
-            sharded = sum(
-                state_bytes.bytes_on(v, rank)
-                for v in group
-                if state_bytes.is_sharded(v)
-            )
-            replicated = sum(
-                state_bytes.bytes_on(v, rank)
-                for v in group
-                if not state_bytes.is_sharded(v)
-            )
+            sharded = replicated = 0
+            for value in group:
+                size = state_bytes.bytes_on(value, rank)
+                if state_bytes.is_sharded(value):
+                    sharded += size
+                else:
+                    replicated += size
             parts.append(
                 f"{name} {sharded:,} B sharded + {replicated:,} B replicated"
             )
