@@ -38,9 +38,12 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Partial
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
+from torch.distributed.tensor import _collective_utils as collective_utils
+from torch.distributed.tensor import _utils as dtensor_utils
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor._op_schema import OpSchema
 from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
+from torch.distributed.tensor._ops import utils as ops_utils
 from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy
 from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.placement_types import _MaskPartial
@@ -70,16 +73,28 @@ def sharded_lookup(lookup, x, indices, axis=None):
     DTensor looks such an index up on each rank among the rows it owns and
     leaves the result pending (`_MaskPartial`), with a mask computed from
     the indices. Two DTensor limits are avoided here: the indices are
-    replicated first (DTensor computes the mask before regathering sharded
-    indices, so the mask would not fit the result), and the result is
-    reduced right away (the mask is freed by the first reduction, so a
-    second reader of the result would fail).
+    replicated over the mesh axes that split the table's rows (DTensor
+    computes the mask before regathering sharded indices, so the mask would
+    not fit the result), and the result is reduced right away (the mask is
+    freed by the first reduction, so a second reader of the result would
+    fail). Over the other axes that split the indices (the batch's), the
+    indices keep their split and the table is gathered instead, as FSDP
+    gathers a weight: the result is split over the batch as the indices
+    are, where DTensor, weighing bytes alone, would gather the indices and
+    hold the whole batch's result on every rank.
     """
     if isinstance(x, DTensor) and isinstance(indices, DTensor):
         lookup_dim = (axis or 0) % max(x.ndim, 1)
-        if any(p == Shard(lookup_dim) for p in x.placements):
-            replicated = [Replicate()] * indices.device_mesh.ndim
-            indices = indices.redistribute(indices.device_mesh, replicated)
+        table, lookups = list(x.placements), list(indices.placements)
+        for i, (split, lookup_split) in enumerate(zip(table, lookups)):
+            if split == Shard(lookup_dim):
+                lookups[i] = Replicate()
+            elif split.is_shard() and lookup_split.is_shard():
+                table[i] = Replicate()
+        if lookups != list(indices.placements):
+            indices = indices.redistribute(indices.device_mesh, lookups)
+        if table != list(x.placements):
+            x = x.redistribute(x.device_mesh, table)
     result = lookup(x, indices, axis=axis)
     if not isinstance(result, DTensor):
         return result
@@ -90,6 +105,43 @@ def sharded_lookup(lookup, x, indices, axis=None):
     if placements == tuple(result.placements):
         return result
     return result.redistribute(result.device_mesh, placements)
+
+
+def replicated_over(tensor, axis):
+    """`tensor` replicated over mesh axis `axis` (a DTensor; anything else
+    is returned as it is)."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    mesh = tensor.device_mesh
+    if axis not in (mesh.mesh_dim_names or ()):
+        return tensor
+    dim = mesh.mesh_dim_names.index(axis)
+    if tensor.placements[dim].is_replicate():
+        return tensor
+    placements = list(tensor.placements)
+    placements[dim] = Replicate()
+    if mesh.size(dim) > 1 or not tensor.placements[dim].is_shard():
+        return tensor.redistribute(mesh, placements)
+    # One rank along `axis`: its shard is the whole; relabel, no collective.
+    return DTensor.from_local(
+        tensor.to_local(),
+        mesh,
+        placements,
+        run_check=False,
+        shape=tensor.shape,
+        stride=tensor.stride(),
+    )
+
+
+def gathered_weight(weight, axis):
+    """`weight` replicated over mesh axis `axis`, to be read in a forward
+    pass. `megatron_contraction` takes it for the weight it is, not for an
+    activation: its gradient stays pending until the gather's backward
+    reduce-scatters it, instead of being all-reduced first."""
+    gathered = replicated_over(weight, axis)
+    if gathered is not weight:
+        gathered.keras_gathered_weight = True
+    return gathered
 
 
 def megatron_contraction(contract, *operands):
@@ -124,7 +176,12 @@ def megatron_contraction(contract, *operands):
 
 
 def _is_activation(x):
-    return isinstance(x, DTensor) and x.requires_grad and not x.is_leaf
+    return (
+        isinstance(x, DTensor)
+        and x.requires_grad
+        and not x.is_leaf
+        and not getattr(x, "keras_gathered_weight", False)
+    )
 
 
 class _GradientLikeInput(torch.autograd.Function):
@@ -151,6 +208,7 @@ def install():
         return
     _register_cpu_attention(propagator)
     _register_convolution(propagator)
+    _remember_redistribution_costs()
     propagate = _with_fallback(propagator.propagate_op_sharding_non_cached)
     propagator.propagate_op_sharding_non_cached = propagate
     # The cached entry point holds the original bound method: rebuild it.
@@ -158,6 +216,26 @@ def install():
         propagate
     )
     propagator.keras_fallback_installed = True
+
+
+# Where DTensor looks up the cost of a redistribution (torch 2.13).
+COST_USERS = (collective_utils, ops_utils, dtensor_utils)
+
+
+def _remember_redistribution_costs():
+    """DTensor lays a new op out by costing the redistribution of every
+    operand to every candidate layout, once per op, shape and layout it
+    meets (then it caches the op's layout). On a 2-D mesh, where dims split
+    twice over (`_StridedShard`), each cost is a search over the mesh's
+    layouts, uncached in torch 2.13: Gemma's first step on an 8x8 mesh
+    spent a minute there. A cost depends only on the two layouts (spec
+    equality covers the mesh, placements, shard order, shape, stride and
+    dtype, all it reads), so each is worked out once here."""
+    remembered = functools.lru_cache(maxsize=1 << 16)(
+        collective_utils.redistribute_cost
+    )
+    for module in COST_USERS:
+        module.redistribute_cost = remembered
 
 
 def _with_fallback(propagate):

@@ -174,6 +174,18 @@ def lookup_in_sharded_table():
     )
 
 
+def lookup_layouts():
+    """The layout of a lookup whose table splits its vocabulary over
+    "model" and its features over "batch" (KerasHub's Gemma embedding),
+    with indices split over "batch"."""
+    mesh = _torch_mesh((2, 2))
+    table = _distributed(_leaf((10, 4), 0), mesh, [Shard(1), Shard(0)])
+    tokens = torch.tensor([[1, 5, 7], [0, 2, 9], [3, 3, 4], [8, 6, 1]])
+    indices = _distributed(tokens, mesh, [Shard(0), Replicate()])
+    result = keras.ops.take(table, indices, axis=0)
+    return tuple(result.placements), tuple(result.to_local().shape)
+
+
 def implicit_replication_restores():
     flag = torch._C._get_dtensor_allow_implicit_replication
     torch._C._set_dtensor_allow_implicit_replication(False)
@@ -236,6 +248,13 @@ class DTensorOpsTest(testing.TestCase):
     def test_lookup_in_sharded_table(self):
         for result in run_on_processes(4, lookup_in_sharded_table):
             self.assert_matches(result)
+
+    def test_lookup_keeps_the_indices_split_over_the_batch(self):
+        # The table is gathered over "batch" instead of the indices: each
+        # rank holds its 2 rows of the result, not the whole batch's.
+        for placements, local_shape in run_on_processes(4, lookup_layouts):
+            self.assertEqual(placements, (Shard(0), Replicate()))
+            self.assertEqual(local_shape, (2, 3, 4))
 
     def test_implicit_replication_restores_the_flag(self):
         for seen in run_on_processes(1, implicit_replication_restores):

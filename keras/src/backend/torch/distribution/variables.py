@@ -10,6 +10,10 @@
 - Inside a data-parallel step on local replicas (`steps.local_replicas`),
   a variable reads as, and assigns to, its local replica: a plain
   parameter sharing its replicated DTensor's storage (`reading_replicas`).
+- Inside the model's forward pass on the DTensor route, a variable split
+  over the batch axis (FSDP's layout, or the `"batch"` entries of
+  KerasHub's layout maps) reads as its value gathered over that axis
+  (`gathering_over`).
 - `convert_to_numpy` (hence `variable.numpy()`, `get_weights()`,
   `predict`) gathers a DTensor's full value. It is a collective: every rank
   calls it, as every rank runs the same Keras program. A save gathers
@@ -113,6 +117,45 @@ def replica_of(variable):
     return replicas.get(id(variable))
 
 
+@contextlib.contextmanager
+def gathering_over(axis):
+    """Inside, in this thread, a variable split over mesh axis `axis` reads
+    as its value gathered over that axis, gathered once inside.
+
+    The batch axis splits the data. A weight split over it too must be
+    gathered before use, as FSDP gathers it, for the activations to stay
+    split over the batch. DTensor's sharding propagation would instead
+    pick whichever operand is cheaper to move, and for an embedding table
+    or a weight larger than a rank's activations that is the activations:
+    every rank would then compute the whole batch. The gather is a
+    differentiable redistribution: its gradient comes back reduce-scattered,
+    laid out like the weight. Its memory is FSDP's without resharding after
+    the forward pass: a gathered weight is held until backward has used it.
+    """
+    _local.gather_axis, _local.gathered = axis, {}
+    try:
+        yield
+    finally:
+        _local.gather_axis = _local.gathered = None
+
+
+def stand_in(variable):
+    """What `variable` reads as in this thread instead of its value (its
+    local replica, or its value gathered over the batch axis), or None."""
+    replica = replica_of(variable)
+    if replica is not None:
+        return replica
+    axis = getattr(_local, "gather_axis", None)
+    if axis is None or not isinstance(variable._value, DTensor):
+        return None
+    gathered = _local.gathered
+    key = id(variable)
+    if key not in gathered:
+        value = dtensor_ops.gathered_weight(variable._value, axis)
+        gathered[key] = None if value is variable._value else value
+    return gathered[key]
+
+
 def assign(variable, value):
     """`Variable._direct_assign`: onto the variable's layout, or into its
     local replica inside a local-replica step."""
@@ -126,7 +169,8 @@ def assign(variable, value):
     if isinstance(variable._value, DTensor):
         value = distribution_lib.distribute_tensor(value, variable._layout)
     with torch.no_grad():
-        variable.value.copy_(value)
+        # `_value`, not `value`: that may read as a gathered copy.
+        variable._value.copy_(value)
 
 
 def readable(variable, value):

@@ -376,6 +376,16 @@ TORCH_USED = (
         "_compute_local_shape_and_global_offset",
     ),
     ("torch._subclasses.fake_tensor", "unset_fake_temporarily"),
+    # A plan's step on fake tensors takes DTensor's eager path (torch 2.13
+    # takes a fake mode for a compiler's trace), and DTensor's output-shape
+    # propagation on global shapes is not counted as the step's memory.
+    ("torch.distributed.tensor._sharding_prop", "_are_we_tracing"),
+    ("torch.distributed.tensor._dispatch", "_are_we_tracing"),
+    (
+        "torch.distributed.tensor._sharding_prop",
+        "ShardingPropagator._propagate_tensor_meta_non_cached",
+    ),
+    ("torch.fx.experimental.proxy_tensor", "get_proxy_mode"),
     # The store of the default process group, shared by every rank.
     ("torch.distributed.distributed_c10d", "_get_default_store"),
     # The default group's backends by device (control traffic on CPU, a
@@ -412,6 +422,10 @@ TORCH_USED = (
     ("torch.distributed.tensor._dtensor_spec", "DTensorSpec"),
     ("torch.distributed.tensor._ops.utils", "expand_to_full_mesh_op_strategy"),
     ("torch.distributed.tensor.placement_types", "_MaskPartial"),
+    # The cost of a redistribution, remembered: where DTensor looks it up.
+    ("torch.distributed.tensor._collective_utils", "redistribute_cost"),
+    ("torch.distributed.tensor._ops.utils", "redistribute_cost"),
+    ("torch.distributed.tensor._utils", "redistribute_cost"),
     # Gradient buckets: the hook after accumulation, and the end-of-backward
     # callback DistributedDataParallel also uses.
     ("torch", "Tensor.register_post_accumulate_grad_hook"),

@@ -3,7 +3,8 @@
 Upstream, the torch `Variable` consults the distribution the way the JAX
 one does, and `convert_to_numpy` returns global values: a variable holds a
 DTensor laid out by the distribution, reads as its local replica inside a
-data-parallel step, and keeps its layout when assigned (see
+data-parallel step (as its value gathered over the batch axis inside a
+forward pass on the DTensor route), and keeps its layout when assigned (see
 `distribution/variables.py`). Keras 3.16 moved this file to
 `keras/src/backend/torch/ops/core.py` and lays variables out on its own in
 `_initialize_with_initializer`, which is switched off here.
@@ -36,10 +37,11 @@ def _common_initialize_with_initializer(upstream):
 def _value_property(upstream):
     def value(self):
         """Stands for `Variable.value`: the local replica, in a step that
-        runs on local replicas."""
-        replica = variables.replica_of(self)
-        if replica is not None:
-            return self._maybe_autocast(replica)
+        runs on local replicas; the value gathered over the batch axis, in
+        a forward pass on the DTensor route."""
+        stand_in = variables.stand_in(self)
+        if stand_in is not None:
+            return self._maybe_autocast(stand_in)
         return upstream.fget(self)
 
     return value

@@ -9,6 +9,9 @@ add losses of their own), a step runs as the JAX trainer's does:
   whole (replicated);
 - variables are DTensors already (`variables`), and DTensor's sharding
   propagation inserts the collectives (with the gaps `dtensor_ops` closes);
+  a weight split over the batch axis is gathered over it where the model
+  reads it, so that activations stay split over the batch
+  (`variables.gathering_over`);
 - the model's outputs come back replicated over the batch axis, so that
   the loss and the metrics, computed from them and from the replicated
   targets, need no collective of their own (outputs larger than
@@ -23,11 +26,10 @@ global batch it is a block of.
 
 import contextlib
 
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor import Replicate
-
 from keras.src import tree
 from keras.src.backend.torch import distribution_lib
+from keras.src.backend.torch.distribution import dtensor_ops
+from keras.src.backend.torch.distribution import variables
 from keras.src.backend.torch.distribution.data.distributed_loader import (
     LocalBlock,
 )
@@ -117,12 +119,13 @@ def replicated_outputs(model, state, batch_axis):
     call_model = forward.forward_of(model, state, compiled=False)
 
     def call(*args, **kwargs):
-        outputs = call_model(*args, **kwargs)
+        with variables.gathering_over(batch_axis):
+            outputs = call_model(*args, **kwargs)
         if forward.nbytes(outputs) > forward.GATHER_BYTES:
             return outputs
 
         def replicate(output):
-            return replicated_over(output, batch_axis)
+            return dtensor_ops.replicated_over(output, batch_axis)
 
         return tree.map_structure(
             lambda output: forward.with_mask(output, replicate), outputs
@@ -133,26 +136,3 @@ def replicated_outputs(model, state, batch_axis):
         yield
     finally:
         model.__dict__.pop("call", None)
-
-
-def replicated_over(tensor, axis):
-    """`tensor` replicated over mesh axis `axis`."""
-    if not isinstance(tensor, DTensor):
-        return tensor
-    mesh = tensor.device_mesh
-    dim = mesh.mesh_dim_names.index(axis)
-    if tensor.placements[dim].is_replicate():
-        return tensor
-    placements = list(tensor.placements)
-    placements[dim] = Replicate()
-    if mesh.size(dim) > 1 or not tensor.placements[dim].is_shard():
-        return tensor.redistribute(mesh, placements)
-    # One rank along `axis`: its shard is the whole; relabel, no collective.
-    return DTensor.from_local(
-        tensor.to_local(),
-        mesh,
-        placements,
-        run_check=False,
-        shape=tensor.shape,
-        stride=tensor.stride(),
-    )

@@ -7,10 +7,12 @@ import os
 import warnings
 
 import numpy as np
+import torch
 from absl.testing import parameterized
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import keras
 from keras.src import testing
@@ -92,6 +94,75 @@ def relayout_of_an_output(relayout):
     return sorted(set(RecordsLayout.seen)), history.history["loss"]
 
 
+class RowsOfProducts(TorchDispatchMode):
+    """Records the rows of the matrix products with `columns` columns that
+    this rank computes (DTensor runs them on local blocks)."""
+
+    def __init__(self, columns):
+        super().__init__()
+        self.columns, self.rows = columns, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t is not torch.Tensor for t in types):
+            return NotImplemented  # DTensor runs its local ops, then ours.
+        output = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.mm.default:
+            if output.shape[-1] == self.columns:
+                self.rows.add(output.shape[0])
+        return output
+
+
+class Logits(keras.layers.Layer):
+    """Scores against a table of embeddings, as a language model's tied
+    output layer does."""
+
+    def __init__(self, vocabulary, **kwargs):
+        super().__init__(**kwargs)
+        self.vocabulary = vocabulary
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(
+            shape=(self.vocabulary, input_shape[-1]), name="embeddings"
+        )
+
+    def call(self, inputs):
+        return keras.ops.matmul(inputs, keras.ops.transpose(self.embeddings))
+
+
+def weights_split_over_the_batch(distributed):
+    """KerasHub's layout of a tied embedding table on a 2 x 1 mesh: its
+    features split over the batch axis. Returns the rows of the scores
+    this rank computes in a training step on 4 sequences of 8, and the
+    losses of `fit`."""
+    keras.utils.set_random_seed(3)
+    if distributed:
+        devices = keras.distribution.list_devices()
+        mesh = keras.distribution.DeviceMesh(
+            (len(devices), 1), ["batch", "model"], devices
+        )
+        layout_map = keras.distribution.LayoutMap(mesh)
+        layout_map[".*embeddings"] = ("model", "batch")
+        keras.distribution.set_distribution(
+            keras.distribution.ModelParallel(layout_map=layout_map)
+        )
+    model = keras.Sequential(
+        [keras.Input((8, 12)), Logits(4096, name="logits")], name="scores"
+    )
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.RandomState(0)
+    x = rng.randn(16, 8, 12).astype("float32")
+    y = rng.randint(0, 4096, (16, 8))
+    history = model.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    products = RowsOfProducts(columns=4096)
+    with products:
+        model.train_on_batch(x[:4], y[:4])
+    keras.distribution.set_distribution(None)
+    return sorted(products.rows), history.history["loss"]
+
+
 def printed_output(csv_path, print_all_ranks):
     if print_all_ranks:
         os.environ["KERAS_DISTRIBUTION_PRINT_ALL_RANKS"] = "1"
@@ -163,6 +234,18 @@ class TrainerTest(testing.TestCase):
             self.assertEqual(default[rank][0], [(Shard(0), Shard(1))])
             self.assertEqual(relaid[rank][0], [(Shard(0), Replicate())])
             self.assertAllClose(relaid[rank][1], default[rank][1], rtol=1e-5)
+
+    def test_weights_split_over_the_batch_are_gathered_where_read(self):
+        # Each rank scores its 2 sequences of 4 (16 rows), as FSDP would;
+        # left to itself, DTensor moves the activations, smaller than the
+        # table, and every rank computes partial scores for all 32 rows.
+        (single,) = run_on_processes(1, weights_split_over_the_batch, False)
+        self.assertEqual(single[0], [4 * 8])
+        for rows, losses in run_on_processes(
+            2, weights_split_over_the_batch, True
+        ):
+            self.assertEqual(rows, [2 * 8])
+            self.assertAllClose(losses, single[1], rtol=1e-5)
 
     def test_rank_zero_speaks(self):
         csv_path = os.path.join(self.get_temp_dir(), "log.csv")
