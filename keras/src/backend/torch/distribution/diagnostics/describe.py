@@ -83,6 +83,8 @@ def plan(
 def _described(model, distribution, device_memory, batch, sequence):
     distribution = distribution or current_distribution()
     layout_map = getattr(distribution, "_layout_map", None)
+    # First: the step builds the optimizer, if nothing has, as `fit` would.
+    step = None if batch is None else step_plan.simulate(model, batch, sequence)
     notes = _torch_module_notes(model)
     rows = [("variable", "global shape", "layout", "local shape", "key")]
     if notes:
@@ -95,8 +97,7 @@ def _described(model, distribution, device_memory, batch, sequence):
     lines.extend(_bytes_per_rank(model))
     entries = state_bytes.per_rank(model)
     result = {"processes": len(entries), "ranks": entries}
-    if batch is not None:
-        step = step_plan.simulate(model, batch, sequence)
+    if step is not None:
         # The step's peak holds this rank's gradients, counted apart.
         here = dist.get_rank() if dist.is_initialized() else 0
         (gradients,) = [

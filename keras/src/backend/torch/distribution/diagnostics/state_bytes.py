@@ -13,6 +13,7 @@ Not counted here: activations, and the temporaries of a step (the
 optimizer's, the collectives' buffers).
 """
 
+import functools
 import math
 import re
 
@@ -25,20 +26,36 @@ UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
 
+@functools.lru_cache(maxsize=None)
+def coordinates_of(mesh):
+    """`{rank: its coordinate}` on `mesh`, worked out once per mesh (torch
+    2.13 rebuilds `mesh.mesh` at each read)."""
+    ranks = mesh.mesh.numpy()
+    return {int(ranks[c]): c for c in np.ndindex(ranks.shape)}
+
+
 def local_shape_on(value, rank):
     """The shape of `rank`'s block of DTensor `value`, as DTensor splits it
     (`torch.chunk` along each sharded dim, in mesh order)."""
-    ranks = value.device_mesh.mesh.numpy()
-    coordinate = np.argwhere(ranks == rank)[0]
-    shape = list(value.shape)
-    for mesh_dim, placement in enumerate(value.placements):
+    return list(
+        _block_shape(
+            tuple(value.shape), value.placements, value.device_mesh, rank
+        )
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _block_shape(shape, placements, mesh, rank):
+    coordinate = coordinates_of(mesh)[rank]
+    shape = list(shape)
+    for mesh_dim, placement in enumerate(placements):
         if isinstance(placement, Shard):
             shape[placement.dim], _ = Shard.local_shard_size_and_offset(
                 shape[placement.dim],
-                ranks.shape[mesh_dim],
-                int(coordinate[mesh_dim]),
+                mesh.size(mesh_dim),
+                coordinate[mesh_dim],
             )
-    return shape
+    return tuple(shape)
 
 
 def is_sharded(value):
@@ -70,10 +87,10 @@ def groups_of(model):
 def ranks_of(values):
     """Every rank of the meshes `values` are laid out on, or `[0]`."""
     ranks = {
-        int(r)
+        r
         for v in values
         if isinstance(v, DTensor)
-        for r in v.device_mesh.mesh.flatten()
+        for r in coordinates_of(v.device_mesh)
     }
     return sorted(ranks) or [0]
 

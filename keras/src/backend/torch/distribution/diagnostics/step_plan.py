@@ -18,33 +18,44 @@ buckets' and every direct `torch.distributed` call arrive:
   with are not in it (`state_bytes.py` counts those).
 
 A model's first step of a kind on the data-parallel route takes the
-DTensor route once; the figures are those of the last of `steps`
-simulated steps, the steady state. Variables, gradients and per-model
+DTensor route once, so two steps are simulated there and the figures are
+the second's, the steady state; on the DTensor route the first step is
+already the steady state (its sharding propagation, DTensor's own work
+on global shapes, is not counted). Variables, gradients and per-model
 step state are put back afterwards; the loss and metrics stay built, as
 `fit` would have built them, so the model trains on as if nothing had run.
 
 `planning()` builds models on fake tensors in the first place, so that
-nothing of a large model is ever allocated. Two gaps of torch 2.13's fake
-mode are bridged while planning: control traffic and mesh creation run
-on real tensors (`process_group.with_real_tensors`), and so do DTensor's
-shard-offset helpers, which read index tensors back (`_offsets_for_real`).
+nothing of a large model is ever allocated. Three gaps of torch 2.13's
+fake mode are bridged while planning: control traffic and mesh creation
+run on real tensors (`process_group.with_real_tensors`), and so do
+DTensor's shard-offset helpers, which read index tensors back
+(`_offsets_for_real`); DTensor takes a fake mode for a compiler's trace
+and gives up its caches, so a simulated step is given DTensor's eager
+path (`_dtensor_dispatch_as_in_eager_mode`).
 """
 
 import contextlib
+import copy
 import weakref
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.distributed.tensor import _dispatch as dtensor_dispatch
+from torch.distributed.tensor import _sharding_prop as sharding_prop
 from torch.distributed.tensor import _utils as dtensor_utils
+from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.distributed.tensor import placement_types
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from keras.src import tree
 from keras.src.backend.torch import random as torch_random
 from keras.src.backend.torch.distribution import process_group
+from keras.src.backend.torch.distribution.steps import local_replicas
 from keras.src.backend.torch.distribution.steps import route
 
 COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
@@ -62,6 +73,7 @@ class StepRecorder(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
+        self.recording = True
         self.start_step()
 
     def start_step(self):
@@ -75,9 +87,20 @@ class StepRecorder(TorchDispatchMode):
         self.peak = 0
         self.tracked = {}  # id(storage) -> finalizer
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Inside, ops run unrecorded."""
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(t not in (torch.Tensor, FakeTensor) for t in types):
             return NotImplemented  # DTensor runs its own ops, then ours.
+        if not self.recording:
+            return func(*args, **(kwargs or {}))
         if func.namespace in COLLECTIVE_NAMESPACES:
             name = func.__name__.split(".")[0]
             kind = name.strip("_")
@@ -187,12 +210,26 @@ OFFSET_FUNCTIONS = (
 @contextlib.contextmanager
 def _offsets_for_real():
     """Inside, DTensor's shard offsets are computed on real (small) index
-    tensors, also in a step on fake ones."""
+    tensors, also in a step on fake ones; once for each set of arguments
+    (they depend on nothing else), as a 2-D mesh asks for the same offsets
+    thousands of times a step."""
 
     def for_real(upstream):
+        known = {}
+
         def run(*args, **kwargs):
+            key = (args, tuple(sorted(kwargs.items())))
+            try:
+                hash(key)
+            except TypeError:  # A mesh coordinate given as a list.
+                key = None
+            if key is not None and key in known:
+                return copy.deepcopy(known[key])
             with unset_fake_temporarily():
-                return upstream(*args, **kwargs)
+                result = upstream(*args, **kwargs)
+            if key is not None:
+                known[key] = copy.deepcopy(result)
+            return result
 
         return run
 
@@ -204,6 +241,49 @@ def _offsets_for_real():
     finally:
         for (owner, name), upstream in zip(OFFSET_FUNCTIONS, upstreams):
             setattr(owner, name, upstream)
+
+
+def _traced_by_a_compiler():
+    """torch's `_are_we_tracing`, less its guess that a fake mode means a
+    compiler is tracing."""
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._dispatch_tls_is_dispatch_key_included(
+            torch._C.DispatchKey.PythonDispatcher
+        )
+        or get_proxy_mode() is not None
+    )
+
+
+@contextlib.contextmanager
+def _dtensor_dispatch_as_in_eager_mode(recorder):
+    """Inside, DTensor dispatches ops on fake tensors as eager code runs.
+
+    DTensor takes an active fake mode for a compiler's trace (torch 2.13),
+    and then works each op's sharding out afresh, running the op on fake
+    tensors of the global shapes to learn its output's shape. A simulated
+    step is eager code on fake tensors: here it gets DTensor's eager path,
+    with the caches the real step's ops hit, and `recorder` does not count
+    the global-shaped tensors of the shape propagation (a real step's
+    have no memory).
+    """
+    modules = (sharding_prop, dtensor_dispatch)
+    upstreams = [module._are_we_tracing for module in modules]
+    propagate = ShardingPropagator.__dict__["_propagate_tensor_meta_non_cached"]
+
+    def propagate_unrecorded(self, op_schema):
+        with recorder.paused():
+            return propagate(self, op_schema)
+
+    for module in modules:
+        module._are_we_tracing = _traced_by_a_compiler
+    ShardingPropagator._propagate_tensor_meta_non_cached = propagate_unrecorded
+    try:
+        yield
+    finally:
+        for module, upstream in zip(modules, upstreams):
+            module._are_we_tracing = upstream
+        ShardingPropagator._propagate_tensor_meta_non_cached = propagate
 
 
 def fake_mode_of(model):
@@ -227,7 +307,7 @@ def _structure(model, name):
         return flat[0] if len(flat) == 1 else flat
 
 
-def simulate(model, batch, sequence=None, steps=2):
+def simulate(model, batch, sequence=None, steps=None):
     """Costs of one training step of `model` on a global batch of `batch`
     (sequences of `sequence`), as a dict: `step_bytes_peak` (the peak of
     the bytes the step allocates), `collectives_per_step` and
@@ -239,13 +319,22 @@ def simulate(model, batch, sequence=None, steps=2):
     # What `fit` builds before its first step, built as `fit` does it (on
     # shapes alone): built under fake tensors, the loss and metrics would
     # keep fake state, and a later `fit`, skipping its own build, would
-    # draw its random numbers in another order.
-    model._symbolic_build(
-        data_batch=example_batch(model, batch, sequence, device="meta")
-    )
+    # draw its random numbers in another order. One row is enough: where
+    # Keras's shape inference falls back from the meta device to real
+    # tensors, a whole batch would be allocated. A model built under
+    # `planning()` is all fake: its loss and metrics build in the step, and
+    # its optimizer state is made fake too.
+    if steps is None:
+        steps = 2 if local_replicas.eligible(route.current_distribution()) else 1
+    planned = fake_mode_of(model)
+    if planned is None:
+        model._symbolic_build(
+            data_batch=example_batch(model, 1, sequence, device="meta")
+        )
     optimizer = model.optimizer
     if not optimizer.built:
-        optimizer.build(model.trainable_variables)
+        with planned or contextlib.nullcontext():
+            optimizer.build(model.trainable_variables)
     model.make_train_function()
     variables = _all_variables(model)
     # Backward leaves fake gradients on the real parameters: put back
@@ -253,9 +342,11 @@ def simulate(model, batch, sequence=None, steps=2):
     saved = [(v._value, getattr(v._value, "grad", None)) for v in variables]
     state = model.__dict__.pop(route.STATE_ATTRIBUTE, None)
     recorder = StepRecorder()
-    mode = fake_mode_of(model) or FakeTensorMode(allow_non_fake_inputs=True)
+    mode = planned or FakeTensorMode(allow_non_fake_inputs=True)
     try:
-        with _offsets_for_real(), mode:
+        with _offsets_for_real(), mode, _dtensor_dispatch_as_in_eager_mode(
+            recorder
+        ):
             x, y = example_batch(model, batch, sequence)
             with recorder:
                 for _ in range(steps):

@@ -1,5 +1,5 @@
 """A step simulated on fake tensors costs what the real step costs: the same
-collectives, and peak activation bytes within 15% (measured: 0 to 9%)."""
+collectives, and peak activation bytes within 15% (measured: 0 to 10%)."""
 
 import os
 
@@ -30,9 +30,9 @@ def distribution_for(kind, model_name):
         (len(devices), 1), ["batch", "model"], devices
     )
     layout_map = keras.distribution.LayoutMap(mesh)
-    layout_map["(up|down|ffn_up|ffn_down|head)/kernel"] = ("batch", None)
-    layout_map["embedding/embeddings"] = ("batch", None)
-    layout_map["attention/(query|key|value|attention_output)/kernel"] = (
+    layout_map[".*(up|down|ffn_up|ffn_down|head)/kernel"] = ("batch", None)
+    layout_map[".*embedding/embeddings"] = ("batch", None)
+    layout_map[".*attention/(query|key|value|attention_output)/kernel"] = (
         "batch",
         None,
         None,
@@ -138,9 +138,8 @@ class StepPlanTest(testing.TestCase):
             real = measured["step_bytes_peak"] - entry["gradient_bytes"]
             self.assertGreater(real, 0)
             self.assertLessEqual(abs(peak - real), 0.15 * real)
-        if kind != "fsdp" or model_name != "mlp":
-            # Every distribution here communicates in a step.
-            self.assertTrue(results[0][1]["collectives_per_step"])
+        # Every distribution here communicates in a step.
+        self.assertTrue(results[0][1]["collectives_per_step"])
 
     def test_simulation_leaves_the_model_as_it_was(self):
         # Against the same model built as `simulate` builds it first: a
