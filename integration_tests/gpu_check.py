@@ -94,6 +94,44 @@ def main():
 
         assert _random._rng_tracker is not None  # Made with the mesh.
 
+    def weights_split_over_the_batch_axis():
+        # FSDP's layout: gathered over the batch axis where read (a
+        # relabel on one rank), losses unchanged.
+        mesh = keras.distribution.DeviceMesh((1, 1), ["batch", "model"])
+        layout_map = keras.distribution.LayoutMap(mesh)
+        layout_map[".*(up|down)/kernel"] = ("batch", None)
+        expected, _ = fit(None)
+        losses, m = fit(keras.distribution.ModelParallel(layout_map=layout_map))
+        np.testing.assert_allclose(losses, expected, rtol=1e-5)
+
+    def in_place_adam():
+        # The accelerator's path of the in-place update (its step size
+        # stays on the device), bit for bit Keras's own update.
+        from keras.src.backend.torch.optimizers import in_place_adam_test
+
+        def train(optimizer_class, **options):
+            rng = np.random.RandomState(0)
+            shapes = ((7, 5), (5,), (3, 4, 2))
+            variables = [keras.Variable(rng.randn(*s)) for s in shapes]
+            optimizer = optimizer_class(**options)
+            for _ in range(6):
+                grads = [
+                    torch.tensor(rng.randn(*s), dtype=torch.float32).cuda()
+                    for s in shapes
+                ]
+                optimizer.apply(grads, variables)
+            return [v.value.detach().cpu() for v in variables]
+
+        for optimizer_class in (keras.optimizers.Adam, keras.optimizers.AdamW):
+            for options in ({}, {"amsgrad": True}):
+                ours = train(optimizer_class, **options)
+                upstream = in_place_adam_test.upstream_class(optimizer_class)
+                keras_own = train(upstream, **options)
+                for a, b in zip(ours, keras_own):
+                    assert a.device.type == "cpu"
+                    assert torch.equal(a, b), (optimizer_class, options)
+        assert keras.Variable(np.ones(2)).value.device.type == "cuda"
+
     def empty_block_attention():
         shape = (0, 8, 2, 64)  # An empty block: (batch, length, heads, dim)
         q = torch.randn(shape, device="cuda", dtype=torch.float16)
@@ -130,6 +168,8 @@ def main():
     check("cpu:gloo,cuda:nccl group", backends)
     check("DataParallel on the GPU", data_parallel_on_the_gpu)
     check("ModelParallel on the GPU", model_parallel_on_the_gpu)
+    check("weights split over the batch axis", weights_split_over_the_batch_axis)
+    check("in-place Adam on the GPU", in_place_adam)
     check("attention on an empty block", empty_block_attention)
     check("sharded checkpoint on the GPU", sharded_checkpoint)
 
