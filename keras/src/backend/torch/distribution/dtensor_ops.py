@@ -28,6 +28,8 @@ The gaps between Keras's torch code and DTensor, closed here:
   takes an empty batch (`attention_kernels_for`).
 - A slice update mixing a plain tensor and a DTensor (a KV cache made with
   `ops.zeros`) lays both out alike first (`aligned_for_update`).
+- `argmax` and `argmin` along a split dim gather that dim first
+  (`whole_along`).
 """
 
 import contextlib
@@ -131,6 +133,24 @@ def replicated_over(tensor, axis):
         shape=tensor.shape,
         stride=tensor.stride(),
     )
+
+
+def whole_along(x, axis):
+    """`x` gathered along dim `axis` (every dim when None) over the mesh
+    axes that split it; other splits are kept. For `argmax` and `argmin`:
+    torch 2.13's DTensor handler of those ops along a split dim fails when
+    a rank's block has a single row ("shape ... is invalid for input of
+    size ...")."""
+    if not isinstance(x, DTensor):
+        return x
+    dims = range(x.ndim) if axis is None else [axis % max(x.ndim, 1)]
+    placements = [
+        Replicate() if p.is_shard() and p.dim in dims else p
+        for p in x.placements
+    ]
+    if placements == list(x.placements):
+        return x
+    return x.redistribute(x.device_mesh, placements)
 
 
 def gathered_weight(weight, axis):

@@ -186,6 +186,20 @@ def lookup_layouts():
     return tuple(result.placements), tuple(result.to_local().shape)
 
 
+def argmax_over_a_split_dim():
+    """`argmax` and `argmin` along a dim split over "model", with one row per
+    rank of "batch" (a language model's logits and its accuracy metric)."""
+    mesh = _torch_mesh((2, 2))
+    x = _leaf((2, 16, 40), 0).detach()
+    split = _distributed(x, mesh, [Shard(0), Shard(2)])
+    return [
+        torch.equal(
+            op(split, axis=-1).full_tensor(), op(x, axis=-1)
+        )
+        for op in (keras.ops.argmax, keras.ops.argmin)
+    ]
+
+
 def implicit_replication_restores():
     flag = torch._C._get_dtensor_allow_implicit_replication
     torch._C._set_dtensor_allow_implicit_replication(False)
@@ -255,6 +269,10 @@ class DTensorOpsTest(testing.TestCase):
         for placements, local_shape in run_on_processes(4, lookup_layouts):
             self.assertEqual(placements, (Shard(0), Replicate()))
             self.assertEqual(local_shape, (2, 3, 4))
+
+    def test_argmax_along_a_split_dim(self):
+        for result in run_on_processes(4, argmax_over_a_split_dim):
+            self.assertEqual(result, [True, True])
 
     def test_implicit_replication_restores_the_flag(self):
         for seen in run_on_processes(1, implicit_replication_restores):

@@ -71,6 +71,8 @@ KERAS_REPLACED = (
     *_in_both(NUMPY, "take_along_axis", "torch_numpy"),
     *_in_both(NUMPY, "matmul", "torch_numpy"),
     *_in_both(NUMPY, "einsum", "torch_numpy"),
+    *_in_both(NUMPY, "argmax", "torch_numpy"),
+    *_in_both(NUMPY, "argmin", "torch_numpy"),
     (
         "keras.src.backend.torch.optimizers.torch_adam",
         "Adam._parallel_update_step",

@@ -7,6 +7,9 @@ Upstream:
 - `matmul` and `einsum` on DTensors communicate as Megatron's parallel
   layers do (`dtensor_ops.megatron_contraction`): what `Dense` and
   `EinsumDense` run under a column- or row-wise kernel layout.
+- `argmax` and `argmin` gather a split dim they reduce first
+  (`dtensor_ops.whole_along`): an accuracy metric on logits whose
+  vocabulary is split.
 """
 
 from keras.src.backend.torch.distribution import backend_core
@@ -47,8 +50,19 @@ def _megatron_einsum(upstream):
     return einsum
 
 
+def _whole_along_axis(upstream):
+    def arg_reduction(x, axis=None, keepdims=False):
+        """Stands for `argmax` and `argmin`."""
+        x = dtensor_ops.whole_along(backend_core.convert_to_tensor(x), axis)
+        return upstream(x, axis=axis, keepdims=keepdims)
+
+    return arg_reduction
+
+
 def apply(numpy_module):
     edit(numpy_module, "matmul", _megatron_matmul)
     edit(numpy_module, "einsum", _megatron_einsum)
     edit(numpy_module, "take", _sharded_lookup)
     edit(numpy_module, "take_along_axis", _sharded_lookup)
+    edit(numpy_module, "argmax", _whole_along_axis)
+    edit(numpy_module, "argmin", _whole_along_axis)

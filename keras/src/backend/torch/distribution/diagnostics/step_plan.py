@@ -46,8 +46,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.tensor import _dispatch as dtensor_dispatch
 from torch.distributed.tensor import _sharding_prop as sharding_prop
 from torch.distributed.tensor import _utils as dtensor_utils
-from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.distributed.tensor import placement_types
+from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -315,7 +315,12 @@ def simulate(model, batch, sequence=None, steps=None):
 
     The model must be compiled; its optimizer is built first if it is not.
     A model built under `planning()` is simulated in the same fake mode.
+    `steps` defaults to what reaches the steady state on the model's route
+    (see the module's docstring).
     """
+    if steps is None:
+        distribution = route.current_distribution()
+        steps = 2 if local_replicas.eligible(distribution) else 1
     # What `fit` builds before its first step, built as `fit` does it (on
     # shapes alone): built under fake tensors, the loss and metrics would
     # keep fake state, and a later `fit`, skipping its own build, would
@@ -324,8 +329,6 @@ def simulate(model, batch, sequence=None, steps=None):
     # tensors, a whole batch would be allocated. A model built under
     # `planning()` is all fake: its loss and metrics build in the step, and
     # its optimizer state is made fake too.
-    if steps is None:
-        steps = 2 if local_replicas.eligible(route.current_distribution()) else 1
     planned = fake_mode_of(model)
     if planned is None:
         model._symbolic_build(
