@@ -83,8 +83,31 @@ def transformer_layouts(layout_map):
     layout_map["ffn_down/kernel"] = ("model", None)
 
 
+def blocks():
+    """Megatron's layers: a column-then-row `Dense` pair, attention over
+    heads split between ranks, residuals between them."""
+    inputs = keras.Input((SEQUENCE_LENGTH, 8))
+    h = keras.layers.Dense(32, activation="gelu", name="up")(inputs)
+    x = inputs + keras.layers.Dense(8, name="down")(h)
+    attention = keras.layers.MultiHeadAttention(2, 4, name="attention")
+    x = x + attention(x, x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    outputs = keras.layers.Dense(NUM_CLASSES, name="head")(x)
+    return keras.Model(inputs, outputs, name="blocks")
+
+
+def blocks_layouts(layout_map):
+    layout_map["up/kernel"] = (None, "model")
+    layout_map["up/bias"] = ("model",)
+    layout_map["down/kernel"] = ("model", None)
+    layout_map["attention/(query|key|value)/kernel"] = (None, "model", None)
+    layout_map["attention/(query|key|value)/bias"] = ("model", None)
+    layout_map["attention/attention_output/kernel"] = ("model", None, None)
+
+
 MODELS = {
     "mlp": (mlp, mlp_layouts),
+    "blocks": (blocks, blocks_layouts),
     "cnn": (cnn, cnn_layouts),
     "transformer": (transformer, transformer_layouts),
 }
@@ -97,6 +120,8 @@ def data(model_name, samples=32):
         features = rng.randn(samples, 12).astype("float32")
     elif model_name == "cnn":
         features = rng.randn(samples, 8, 8, 3).astype("float32")
+    elif model_name == "blocks":
+        features = rng.randn(samples, SEQUENCE_LENGTH, 8).astype("float32")
     else:
         features = rng.randint(0, VOCABULARY, (samples, SEQUENCE_LENGTH))
     return features, labels

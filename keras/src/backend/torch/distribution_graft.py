@@ -75,6 +75,7 @@ COMPANIONS = {
     "keras.src.backend.torch.trainer": (
         "keras.src.backend.torch.keras_edits.torch_trainer"
     ),
+    "keras.src.layers.layer": "keras.src.backend.torch.keras_edits.layer",
     "keras.src.callbacks.callback_list": (
         "keras.src.backend.torch.keras_edits.callback_list"
     ),

@@ -10,9 +10,13 @@ module's counterpart (devices, `initialize`, `distribute_tensor`,
     layouts.py          reading `TensorLayout` entries
     variables.py        Keras variables as DTensors laid out by the map
     dtensor_ops.py      DTensor gaps closed (fallbacks, attention, convs)
-    steps/              one training step, by one of two routes:
+    contraction_plan.py the collectives around matmuls and einsums:
+                        recorded on DTensors, replayed on local shards
+    steps/              one training step, by one of three routes:
       route.py            which route, and each model's `StepState`
       local_replicas.py   DataParallel: plain local tensors, as DDP runs
+      local_shards.py     ModelParallel: plain local blocks, as tensor
+                          parallelism runs
       gradient_buckets.py DDP's bucketed all-reduce; DTensor relayout
       dtensor_route.py    everything else: DTensors end to end
     data/               every input Keras takes, split across processes

@@ -52,6 +52,8 @@ from torch.distributed.tensor.placement_types import _MaskPartial
 from torch.nn.attention import SDPBackend
 from torch.nn.attention import sdpa_kernel
 
+from keras.src.backend.torch.distribution import contraction_plan
+
 aten = torch.ops.aten
 
 # Every op that went through a fallback, for tests and curious users.
@@ -177,12 +179,21 @@ def megatron_contraction(contract, *operands):
     gets its gradient laid out like itself (one all-reduce backward into a
     column-wise layer): the communication of torch's `RowwiseParallel` and
     `ColwiseParallel`.
+
+    An exact step records these collectives in its `contraction_plan`; a
+    step on local shards (plain tensors) replays them instead.
     """
     if not any(isinstance(x, DTensor) for x in operands):
-        return contract(*operands)
+        replay = contraction_plan.replay()
+        if replay is None:
+            return contract(*operands)
+        return replay.contract(contract, operands)
+    recorded = contraction_plan.record_contraction(operands)
     operands = [
-        _GradientLikeInput.apply(x) if _is_activation(x) else x
-        for x in operands
+        _GradientLikeInput.apply(x, recorded, index)
+        if _is_activation(x)
+        else x
+        for index, x in enumerate(operands)
     ]
     result = contract(*operands)
     if not isinstance(result, DTensor) or not any(
@@ -192,7 +203,11 @@ def megatron_contraction(contract, *operands):
     placements = [
         Replicate() if p.is_partial() else p for p in result.placements
     ]
-    return result.redistribute(result.device_mesh, placements)
+    contraction_plan.record_sum(
+        recorded, result.device_mesh, result.placements, placements
+    )
+    with contraction_plan.allowed():
+        return result.redistribute(result.device_mesh, placements)
 
 
 def _is_activation(x):
@@ -205,18 +220,25 @@ def _is_activation(x):
 
 
 class _GradientLikeInput(torch.autograd.Function):
-    """Identity whose backward lays the gradient out like its input."""
+    """Identity whose backward lays the gradient out like its input (and
+    records that in the contraction's plan, when one is recorded)."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, recorded, index):
         ctx.mesh, ctx.placements = x.device_mesh, x.placements
+        ctx.recorded, ctx.index = recorded, index
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
         if isinstance(grad, DTensor) and grad.placements != ctx.placements:
-            grad = grad.redistribute(ctx.mesh, ctx.placements)
-        return grad
+            contraction_plan.record_sum(
+                ctx.recorded, ctx.mesh, grad.placements, ctx.placements,
+                ctx.index,
+            )
+            with contraction_plan.allowed():
+                grad = grad.redistribute(ctx.mesh, ctx.placements)
+        return grad, None, None
 
 
 def install():

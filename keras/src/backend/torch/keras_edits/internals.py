@@ -154,6 +154,12 @@ KERAS_REPLACED = (
     ),
     ("keras.src.utils.io_utils", "print_msg", "io_utils", None),
     (
+        "keras.src.layers.layer",
+        "Layer._assert_input_compatibility",
+        "layer",
+        None,
+    ),
+    (
         "keras.src.callbacks.callback_list",
         "CallbackList._configure_async_dispatch",
         "callback_list",
@@ -428,6 +434,15 @@ TORCH_USED = (
     ("torch.distributed.tensor._collective_utils", "redistribute_cost"),
     ("torch.distributed.tensor._ops.utils", "redistribute_cost"),
     ("torch.distributed.tensor._utils", "redistribute_cost"),
+    # Every redistribution of a DTensor, watched while a step records its
+    # contraction plan (`contraction_plan`): where DTensor calls it.
+    ("torch.distributed.tensor._redistribute", "redistribute_local_tensor"),
+    ("torch.distributed.tensor._dispatch", "redistribute_local_tensor"),
+    ("torch.distributed.tensor._api", "redistribute_local_tensor"),
+    # Random draws, told apart by the tag torch gives seeded ops.
+    ("torch", "Tag.nondeterministic_seeded"),
+    # The all-reduce a compiled forward pass on local shards traces.
+    ("torch.distributed._functional_collectives", "all_reduce"),
     # Gradient buckets: the hook after accumulation, and the end-of-backward
     # callback DistributedDataParallel also uses.
     ("torch", "Tensor.register_post_accumulate_grad_hook"),

@@ -17,9 +17,10 @@ buckets' and every direct `torch.distributed` call arrive:
   the step's temporaries. The weights and optimizer state the step starts
   with are not in it (`state_bytes.py` counts those).
 
-A model's first step of a kind on the data-parallel route takes the
-DTensor route once, so two steps are simulated there and the figures are
-the second's, the steady state; on the DTensor route the first step is
+A model's first step of a kind on a route of local tensors (data
+parallelism, model parallelism on local shards) takes the DTensor route
+once, so two steps are simulated there and the figures are the second's,
+the steady state; on the DTensor route the first step is
 already the steady state (its sharding propagation, DTensor's own work
 on global shapes, is not counted). Variables, gradients and per-model
 step state are put back afterwards; the loss and metrics stay built, as
@@ -55,7 +56,6 @@ from torch.utils._pytree import tree_leaves
 from keras.src import tree
 from keras.src.backend.torch import random as torch_random
 from keras.src.backend.torch.distribution import process_group
-from keras.src.backend.torch.distribution.steps import local_replicas
 from keras.src.backend.torch.distribution.steps import route
 
 COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
@@ -320,7 +320,7 @@ def simulate(model, batch, sequence=None, steps=None):
     """
     if steps is None:
         distribution = route.current_distribution()
-        steps = 2 if local_replicas.eligible(distribution) else 1
+        steps = 2 if route.runs_on_local_tensors(distribution) else 1
     # What `fit` builds before its first step, built as `fit` does it (on
     # shapes alone): built under fake tensors, the loss and metrics would
     # keep fake state, and a later `fit`, skipping its own build, would

@@ -26,8 +26,11 @@ global batch it is a block of.
 
 import contextlib
 
+from torch.distributed.tensor import DTensor
+
 from keras.src import tree
 from keras.src.backend.torch import distribution_lib
+from keras.src.backend.torch.distribution import contraction_plan
 from keras.src.backend.torch.distribution import dtensor_ops
 from keras.src.backend.torch.distribution import variables
 from keras.src.backend.torch.distribution.data.distributed_loader import (
@@ -40,8 +43,10 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 def run(step_function, data, model, state, distribution):
     """`step_function` on `data`, laid out by `distribution`."""
     axis = distribution.batch_dim_name
+    with contraction_plan.allowed():  # As a local step takes its rows.
+        data = distribute_inputs(data, distribution)
     with replicated_outputs(model, state, axis):
-        return step_function(distribute_inputs(data, distribution))
+        return step_function(data)
 
 
 def global_batches(data, distribution):
@@ -125,7 +130,12 @@ def replicated_outputs(model, state, batch_axis):
             return outputs
 
         def replicate(output):
-            return dtensor_ops.replicated_over(output, batch_axis)
+            if not isinstance(output, DTensor):
+                return output
+            contraction_plan.record_output(output)
+            return contraction_plan.accounted(
+                dtensor_ops.replicated_over, output, batch_axis
+            )
 
         return tree.map_structure(
             lambda output: forward.with_mask(output, replicate), outputs

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from keras.src.backend.torch.distribution import contraction_plan
+
 # DistributedDataParallel's defaults.
 FIRST_BUCKET_BYTES = 1024 * 1024
 BUCKET_BYTES = 25 * 1024 * 1024
@@ -185,6 +187,7 @@ def as_layout_of(grad, weight):
         if not (have.is_partial("sum") and want.is_replicate()):
             return grad.redistribute(mesh, weight.placements)
         axes.append(axis)
+    contraction_plan.record_gradient_sum(mesh, axes)
     local = grad.to_local()
     for axis in axes:
         if mesh.size(axis) > 1:

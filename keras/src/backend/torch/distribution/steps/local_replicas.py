@@ -84,14 +84,22 @@ class LocalReplicas:
             + _optimizer_variables(model)
         )
         self.optimizer_variable_count = len(_optimizer_variables(model))
-        self.replicas = {id(v): _replica(v) for v in variables}
+        self.replicas = {id(v): self.local_value(v) for v in variables}
         trainable = [self.replicas[id(v)] for v in model.trainable_variables]
         self.buckets = gradient_buckets.GradientBuckets(
             trainable, self.mesh.get_group(batch_axis)
         )
         self.buckets.enabled = False  # On in local-replica steps only.
+        # One rank per batch block: no gradient to sum (model parallelism).
+        self.sums_gradients = mesh.size(self._batch_dim()) > 1
         self.verdicts = previous.verdicts if previous else {}
-        self.state_before = None
+
+    def local_value(self, variable):
+        """What `variable` reads as in a local step."""
+        return _replica(variable)
+
+    def _batch_dim(self):
+        return self.mesh.mesh_dim_names.index(self.batch_axis)
 
     def remove(self):
         self.buckets.remove()
@@ -106,13 +114,14 @@ class LocalReplicas:
         return not self.valid or count != self.optimizer_variable_count
 
     @contextlib.contextmanager
-    def active(self):
+    def active(self, kind):
         """Variables read as local replicas; the model runs on this rank's
         rows and returns global outputs."""
         for replica in self.replicas.values():
             replica.grad = None
         self.model.__dict__["call"] = self._local_call
-        self.buckets.start_step()
+        if self.sums_gradients:
+            self.buckets.start_step()
         try:
             with variables.reading_replicas(self.replicas):
                 yield
@@ -127,7 +136,7 @@ class LocalReplicas:
         if not tensors:  # Nothing to split: every rank computes the same.
             return self._forward(*args, **kwargs)
         global_rows = tensors[0].shape[0]
-        dim = self.mesh.mesh_dim_names.index(self.batch_axis)
+        dim = self._batch_dim()
         self.rows = [
             Shard.local_shard_size_and_offset(
                 global_rows, self.mesh.size(dim), rank
@@ -178,11 +187,13 @@ class LocalReplicas:
             )
 
     def _gather(self, local):
+        if len(self.rows) == 1:  # The batch axis has one rank.
+            return local
         group = self.mesh.get_group(self.batch_axis)
         return _GatherRows.apply(local, self.rows, self.rank, group)
 
     def _as_dtensor(self, local):
-        dim = self.mesh.mesh_dim_names.index(self.batch_axis)
+        dim = self._batch_dim()
         placements = [Replicate()] * self.mesh.ndim
         placements[dim] = Shard(0)
         global_rows = sum(size for size, _ in self.rows)
@@ -193,25 +204,28 @@ class LocalReplicas:
     # The exact first step of each kind.
 
     def wants_exact_step(self, kind):
-        """Whether a `kind` step ("train", "test") must take the exact
-        route: always for models found to need it, once to find out."""
+        """Whether a `kind` step ("train", "test"; prediction never) must
+        take the exact route: always for models found to need it, once to
+        find out."""
+        if kind == "predict":
+            return False
         return self.verdicts.get(kind, "probe") != "local"
 
-    def before_exact_step(self):
-        self.state_before = [
-            forward.local(v.value).clone() for v in _forward_state(self.model)
-        ]
-
-    def after_exact_step(self, kind):
-        """Records whether the `kind` step just taken showed that the model
-        needs the exact route: it changed state or has losses of its own."""
-        if self.state_before is None:
+    @contextlib.contextmanager
+    def exact_step(self, kind):
+        """Around an exact `kind` step: records whether it showed that the
+        model needs the exact route (it changed state or has losses of its
+        own). A step that raises decides nothing; a verdict stays."""
+        if kind in self.verdicts:
+            yield
             return
+        state = _forward_state(self.model)
+        before = [forward.local(v.value).clone() for v in state]
+        yield
         changed = any(
-            not torch.equal(before, forward.local(v.value))
-            for before, v in zip(self.state_before, _forward_state(self.model))
+            not torch.equal(b, forward.local(v.value))
+            for b, v in zip(before, state)
         )
-        self.state_before = None
         needs_exact = changed or bool(self.model.losses)
         self.verdicts[kind] = "exact" if needs_exact else "local"
 
@@ -221,12 +235,12 @@ def _optimizer_variables(model):
     return list(optimizer.variables) if optimizer is not None else []
 
 
-def _forward_state(model):
-    """Non-trainable model variables other than random seed states."""
+def _forward_state(model, seeds=False):
+    """Non-trainable model variables, random seed states only if `seeds`."""
     return [
         v
         for v in model.non_trainable_variables
-        if "seed_generator_state" not in v.path
+        if seeds or "seed_generator_state" not in v.path
     ]
 
 

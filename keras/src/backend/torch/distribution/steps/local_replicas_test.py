@@ -106,15 +106,19 @@ def regularized_numbers(data_parallel):
 
 
 def model_parallel_compiled():
+    """The transformer, whose split embedding features keep its steps on
+    DTensors (`local_shards`)."""
     keras.utils.set_random_seed(7)
-    keras.distribution.set_distribution(models.distribution("model", "mlp"))
-    model = models.mlp()
+    keras.distribution.set_distribution(
+        models.distribution("model", "transformer")
+    )
+    model = models.transformer()
     model.compile(
         optimizer=models.optimizer("adam"),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=True,
     )
-    x, y = models.data("mlp", samples=30)
+    x, y = models.data("transformer", samples=30)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         history = model.fit(
@@ -242,8 +246,8 @@ class LocalReplicasTest(testing.TestCase):
             self.assertTrue(compiled)
             self.assertAllClose(loss, expected_loss, rtol=1e-5)
 
-    def test_jit_compile_under_model_parallel_runs_eagerly(self):
-        expected_loss, _, _ = single_process("mlp")
+    def test_jit_compile_on_dtensors_runs_eagerly(self):
+        expected_loss, _, _ = single_process("transformer")
         for loss, warned in run_on_processes(2, model_parallel_compiled):
             self.assertTrue(warned)
             self.assertAllClose(loss, expected_loss, rtol=1e-5)

@@ -1,14 +1,21 @@
 """Which route a training, evaluation or prediction step takes.
 
 Under a distribution, every step of `fit`, `evaluate` and `predict` runs
-through `distributed_step`, on one of two routes:
+through `distributed_step`, on one of three routes:
 
     step(data) ──> global batches (a split loader's blocks put together)
         │
         ├─ DataParallel, model replicated ─> local_replicas: plain tensors,
         │     this rank's rows, outputs gathered, DDP's gradient buckets
-        │     (the first train and first test step take the DTensor route
-        │      once, to find out whether the model may: see `StepState`)
+        │
+        ├─ ModelParallel, no weight split ─> local_shards: the same, each
+        │  over the batch axis                variable read as its block,
+        │                                     contractions issuing the
+        │                                     all-reduces of tensor
+        │                                     parallelism
+        │     (on both local routes, the first step of each kind takes the
+        │      DTensor route once, to find out whether the model may: see
+        │      `LocalReplicas.exact_step`)
         │
         └─ otherwise ─────────────────────> dtensor_route: DTensors end to
               end, outputs replicated over the batch axis, gradients laid
@@ -36,6 +43,7 @@ from keras.src.backend.torch.distribution.diagnostics import replica_check
 from keras.src.backend.torch.distribution.steps import dtensor_route
 from keras.src.backend.torch.distribution.steps import gradient_buckets
 from keras.src.backend.torch.distribution.steps import local_replicas
+from keras.src.backend.torch.distribution.steps import local_shards
 
 STATE_ATTRIBUTE = "_torch_distribution_steps"
 
@@ -44,7 +52,9 @@ class StepState:
     """What the distributed steps of one model keep between steps.
 
     Attributes:
-        replicas: the model's `LocalReplicas`, or None.
+        replicas: the model's `LocalReplicas` (or `LocalShards`), or None.
+        not_local: whether a variable's layout rules local tensors out
+            (until the next train function).
         gradient_hooks: handles of the DTensor route's gradient relayout.
         compiled_forward: the model's compiled `call` (`jit_compile`).
         warned_eager: whether the "runs eagerly" warning was given.
@@ -54,6 +64,7 @@ class StepState:
 
     def __init__(self):
         self.replicas = None
+        self.not_local = False
         self.gradient_hooks = []
         self.compiled_forward = None
         self.warned_eager = False
@@ -113,14 +124,14 @@ def _on_route(step_function, data, model, state, kind):
         return dtensor_route.run(
             step_function, data, model, state, distribution
         )
-    if kind != "predict" and replicas.wants_exact_step(kind):
-        replicas.before_exact_step()
-        logs = dtensor_route.run(
-            step_function, data, model, state, distribution
-        )
-        replicas.after_exact_step(kind)
-        return logs
-    with replicas.active():
+    if replicas.wants_exact_step(kind):
+        if replicas.verdicts.get(kind) == "exact":
+            _warn_if_not_compiled(model, state)
+        with replicas.exact_step(kind):
+            return dtensor_route.run(
+                step_function, data, model, state, distribution
+            )
+    with replicas.active(kind):
         return step_function(data)
 
 
@@ -148,16 +159,30 @@ def as_tensors(data):
     )
 
 
+def runs_on_local_tensors(distribution):
+    """Whether steps under `distribution` may run on local tensors (after
+    a first step of each kind on DTensors)."""
+    return local_shards.eligible(distribution) or local_replicas.eligible(
+        distribution
+    )
+
+
 def local_replicas_for(model, state, distribution):
-    """`model`'s `LocalReplicas`, built or rebuilt as needed, or None where
-    its steps cannot run on local replicas."""
-    if not local_replicas.eligible(distribution):
+    """`model`'s `LocalReplicas` (or `LocalShards`), built or rebuilt as
+    needed, or None where its steps cannot run on local tensors."""
+    if local_shards.eligible(distribution):
+        kind = local_shards.LocalShards
+    elif local_replicas.eligible(distribution):
+        kind = local_replicas.LocalReplicas
+    else:
         return None
     replicas = state.replicas
     if replicas is None or replicas.stale():
+        if state.not_local:
+            return None
         mesh = distribution.device_mesh.backend_mesh
         try:
-            replicas = local_replicas.LocalReplicas(
+            replicas = kind(
                 model,
                 state,
                 mesh,
@@ -165,6 +190,7 @@ def local_replicas_for(model, state, distribution):
                 previous=replicas,
             )
         except local_replicas.NotReplicated:
+            state.not_local = True
             return None
         state.replicas = replicas
     return replicas
@@ -180,14 +206,15 @@ def prepare_train_function(model):
     weights = [v.value for v in model.trainable_variables]
     weights = [w for w in weights if isinstance(w, DTensor)]
     state.gradient_hooks = gradient_buckets.reduce_on_accumulation(weights)
+    state.not_local = False
     if state.replicas is not None:
         state.replicas.invalidate()
 
 
 def compiles_whole_steps():
     """Whether Keras may compile a step whole: not under a distribution,
-    whose collectives and DTensor loss do not trace as one graph;
-    `local_replicas` compiles the model's forward pass instead."""
+    whose collectives and DTensor loss do not trace as one graph; steps
+    on local tensors compile the model's forward pass instead."""
     return current_distribution() is None
 
 
@@ -195,8 +222,10 @@ def _warn_if_not_compiled(model, state):
     if model.jit_compile and not state.warned_eager:
         state.warned_eager = True
         warnings.warn(
-            "jit_compile=True: under this distribution the model's "
-            "variables are sharded DTensors, which torch.compile cannot "
-            "trace through Keras layers in this torch version; steps run "
-            "eagerly. Data-parallel steps (local replicas) are compiled."
+            "jit_compile=True: this model's steps run on DTensors (a "
+            "weight is split over the batch axis, or its first step "
+            "moved tensors other than around its matmuls and einsums, "
+            "drew random numbers or changed state), which torch.compile "
+            "cannot trace through Keras layers in this torch version; "
+            "they run eagerly. Steps on local tensors are compiled."
         )

@@ -1,0 +1,29 @@
+"""Companion of `keras/src/layers/layer.py`.
+
+Upstream, `Layer._assert_input_compatibility` checks nothing inside a
+model-parallel step on local shards (`distribution/steps/local_shards.py`):
+there a layer after a column-wise one sees this rank's block of its input
+(a `Dense` whose kernel expects 1024 input features gets 512 on each of 2
+ranks). The same layers checked the global values in the exact first step
+of the same kind, which the local steps repeat.
+"""
+
+from keras.src.backend.torch.distribution import contraction_plan
+from keras.src.backend.torch.keras_edits import edit
+
+
+def _assert_input_compatibility(upstream):
+    def assert_input_compatibility(self, arg_0):
+        """Stands for `Layer._assert_input_compatibility`."""
+        if contraction_plan.replay() is None:
+            upstream(self, arg_0)
+
+    return assert_input_compatibility
+
+
+def apply(layer_module):
+    edit(
+        layer_module.Layer,
+        "_assert_input_compatibility",
+        _assert_input_compatibility,
+    )
