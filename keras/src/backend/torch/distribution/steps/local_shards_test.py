@@ -78,14 +78,20 @@ def _fit(model_name, distribution, jit_compile=False, dropout=False, **options):
 
 
 def against_one_process(model_name, distribution, **options):
-    """`_fit` under `distribution`, on DTensors only, and on one process."""
+    """`_fit` under `distribution` and on one process, eagerly."""
     local = _fit(model_name, distribution, **options)
+    options.pop("jit_compile", None)
+    return local, _fit(model_name, None, **options)
+
+
+def against_dtensors(model_name, distribution):
+    """`_fit` under `distribution`, then with every step on DTensors."""
+    local = _fit(model_name, distribution)
     local_shards.enabled = False
     try:
-        dtensor = _fit(model_name, distribution, **options)
+        return local, _fit(model_name, distribution)
     finally:
         local_shards.enabled = True
-    return local, dtensor, _fit(model_name, None, **options)
 
 
 class LocalShardsTest(testing.TestCase):
@@ -99,7 +105,7 @@ class LocalShardsTest(testing.TestCase):
         )
 
     def test_megatron_blocks_run_on_local_shards(self):
-        local, dtensor, single = run_on_processes(
+        local, single = run_on_processes(
             2, against_one_process, "blocks", "model"
         )[0]
         self.assertEqual(local["route"], "LocalShards")
@@ -109,28 +115,35 @@ class LocalShardsTest(testing.TestCase):
         )
         self.assertEqual(local["faults"]["train"], [])
         self.assertSameNumbers(local, single)
-        self.assertSameNumbers(dtensor, single)
         # Forward: one all-reduce after the row-wise `down` and one after
         # the attention output. Backward: one into each of query, key and
         # value (the column-wise `up` reads data, which needs no
-        # gradient). The same on DTensors, and with torch's styles.
+        # gradient). The same as on DTensors, and with torch's styles.
         self.assertEqual(local["collectives"], {"all_reduce": 5})
+
+    def test_the_same_collectives_as_on_dtensors(self):
+        local, dtensor = run_on_processes(
+            2, against_dtensors, "blocks", "model"
+        )[0]
+        self.assertEqual(dtensor["route"], "NoneType")  # No local steps.
         self.assertEqual(dtensor["collectives"], local["collectives"])
+        self.assertAllClose(local["losses"], dtensor["losses"], rtol=1e-6)
 
     def test_2d_mesh_sums_gradients_over_the_batch_axis(self):
-        local, dtensor, single = run_on_processes(
+        local, single = run_on_processes(
             4, against_one_process, "blocks", "2d"
         )[0]
         self.assertEqual(
             local["verdicts"]["train"], "local", str(local["faults"])
         )
         self.assertSameNumbers(local, single)
-        self.assertSameNumbers(dtensor, single)
         # The 5 of the model axis and one bucket of gradients summed over
-        # the batch axis. (The outputs' all-gather over the batch axis, a
-        # group of the mesh, does not reach torch's dispatcher in torch
-        # 2.13; the losses above show that every row counted.)
-        self.assertEqual(local["collectives"], {"all_reduce": 6})
+        # the batch axis; the outputs' rows gathered over it. (Under Keras
+        # 3.15 that all-gather, over a group of the mesh, is not seen by
+        # dispatch modes; the losses above show that every row counted.)
+        collectives = dict(local["collectives"])
+        self.assertLessEqual(collectives.pop("all_gather", 0), 1)
+        self.assertEqual(collectives, {"all_reduce": 6})
 
     def test_steps_that_move_tensors_stay_on_dtensors(self):
         cases = {
@@ -141,7 +154,7 @@ class LocalShardsTest(testing.TestCase):
             "clipping": (("blocks", "model"), {"global_clipnorm": 1.0}),
         }
         for name, (args, options) in cases.items():
-            local, _, single = run_on_processes(
+            local, single = run_on_processes(
                 2, _against_one_process_with, args, options
             )[0]
             self.assertEqual(local["verdicts"]["train"], "exact", name)
@@ -149,10 +162,12 @@ class LocalShardsTest(testing.TestCase):
             self.assertSameNumbers(local, single)
 
     def test_jit_compile_under_model_parallel(self):
-        local, _, single = run_on_processes(
+        # The MLP: its forward pass is one graph (Keras's attention breaks
+        # graphs on torch, distributed or not), compiled in seconds.
+        local, single = run_on_processes(
             2,
             _against_one_process_with,
-            ("blocks", "model"),
+            ("mlp", "model"),
             {"jit_compile": True},
         )[0]
         self.assertEqual(
