@@ -15,7 +15,8 @@ last line one JSON object of ratios, each between two numbers of this run:
   single-process step on one rank's share of the work (one replica's batch,
   or the model with its sharded dims divided by the process count).
 - collectives per training step and bytes per rank under model
-  parallelism, against plain tensor parallelism and against one process.
+  parallelism, against plain tensor parallelism and against one process;
+  `mp_small_*`: the step ratios of the same blocks at a smaller shape.
 - `mp_torch_module_*`: the same PyTorch blocks inside a Keras
   `TorchModuleWrapper`, laid out by a LayoutMap (torch's parallel styles),
   against the same plain tensor parallelism.
@@ -135,6 +136,25 @@ def compare(results, processes):
     summary["mp_bytes_per_rank"] = ours["bytes_per_rank"]
     summary["mp_bytes_single_process"] = whole["bytes_per_rank"]
     summary["mp_bytes_bound"] = ours["bytes_bound"]
+
+    # The second shape: the step ratios alone.
+    small = "mp_blocks_small"
+    ours_small = find(results, mode="distributed", side="keras", case=small)
+    tp_small = find(results, mode="distributed", side="torch", case=small)
+    share = dict(mode="single", case=small, shrink=processes)
+    summary["mp_small_step_ratio_vs_tp"] = (
+        ours_small["step_ms"] / tp_small["step_ms"]
+    )
+    summary["mp_small_dist_cost_ratio"] = _cost_ratio(
+        ours_small,
+        find(results, side="keras", **share),
+        tp_small,
+        find(results, side="torch", **share),
+    )
+    summary["mp_small_collectives_per_step"] = ours_small[
+        "collectives_per_step"
+    ]
+    summary["tp_small_collectives_per_step"] = tp_small["collectives_per_step"]
 
     wrapped = find(
         results, mode="distributed", side="keras", case="mp_torch_blocks"

@@ -23,6 +23,9 @@ CASES = {
     # overhead weighs less against the arithmetic.
     "dp_transformer_large": ("data", 32),
     "mp_blocks": ("model", 8),
+    # The same blocks at a smaller shape, where Keras's per-layer overhead
+    # and the collectives' latency weigh more against the arithmetic.
+    "mp_blocks_small": ("model", 8),
     # The same PyTorch blocks inside a Keras TorchModuleWrapper, laid out
     # by a LayoutMap in PyTorch spelling (torch's parallel styles).
     "mp_torch_blocks": ("model", 8),
@@ -38,7 +41,11 @@ TRANSFORMERS = {
         vocabulary=1000, length=128, dim=256, heads=8, hidden=1024
     ),
 }
-BLOCKS = dict(length=128, dim=256, heads=8)
+BLOCK_SHAPES = {
+    "mp_blocks": dict(length=128, dim=256, heads=8),
+    "mp_blocks_small": dict(length=32, dim=64, heads=4),
+}
+BLOCKS = BLOCK_SHAPES["mp_blocks"]  # Also the wrapped PyTorch blocks'.
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.004  # Keras AdamW's default.
 
@@ -53,7 +60,8 @@ def batch(case, size, seed=0):
         t = TRANSFORMERS[case]
         x = rng.randint(0, t["vocabulary"], (size, t["length"]))
         return x, rng.randint(0, 4, size)
-    shape = (size, BLOCKS["length"], BLOCKS["dim"])
+    blocks = BLOCK_SHAPES.get(case, BLOCKS)
+    shape = (size, blocks["length"], blocks["dim"])
     x = rng.randn(*shape).astype("float32")
     return x, rng.randn(*shape).astype("float32")
 
@@ -129,9 +137,9 @@ class TorchMegatronMLP(nn.Module):
 class TorchBlocks(nn.Module):
     """Two Megatron MLP blocks and one attention block, residual each."""
 
-    def __init__(self, shrink=1):
+    def __init__(self, shrink=1, blocks=BLOCKS):
         super().__init__()
-        dim, heads = BLOCKS["dim"], BLOCKS["heads"]
+        dim, heads = blocks["dim"], blocks["heads"]
         self.mlp_0 = TorchMegatronMLP(dim, 4 * dim // shrink)
         self.mlp_1 = TorchMegatronMLP(dim, 4 * dim // shrink)
         self.attention = TorchAttention(dim, heads // shrink, dim // heads)
@@ -147,7 +155,7 @@ def torch_model(case, shrink=1):
         return TorchMLP()
     if case in TRANSFORMERS:
         return TorchTransformer(TRANSFORMERS[case])
-    return TorchBlocks(shrink)
+    return TorchBlocks(shrink, BLOCK_SHAPES[case])
 
 
 def torch_optimizer(case, parameters):
@@ -159,7 +167,7 @@ def torch_optimizer(case, parameters):
 
 
 def torch_loss(case):
-    if case == "mp_blocks":
+    if CASES[case][0] == "model":
         return nn.MSELoss()
     return nn.CrossEntropyLoss()
 
@@ -212,9 +220,9 @@ def keras_transformer(case):
     return keras.Model(tokens, keras.layers.Dense(4)(x))
 
 
-def keras_blocks(shrink=1):
-    dim, heads = BLOCKS["dim"], BLOCKS["heads"]
-    inputs = keras.Input((BLOCKS["length"], dim))
+def keras_blocks(shrink=1, blocks=BLOCKS):
+    dim, heads = blocks["dim"], blocks["heads"]
+    inputs = keras.Input((blocks["length"], dim))
     x = inputs
     for block in ("mlp_0", "mlp_1"):
         h = keras.layers.Dense(
@@ -271,7 +279,7 @@ def keras_model(case, shrink=1):
         model = keras_transformer(case)
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     else:
-        model = keras_blocks(shrink)
+        model = keras_blocks(shrink, BLOCK_SHAPES[case])
         loss = "mse"
     optimizer = keras.optimizers.Adam(LEARNING_RATE)
     if case == "mlp_adamw":
