@@ -12,20 +12,22 @@ the same arithmetic on every rank, without DTensor's dispatch per op.
 
 This module holds both halves:
 
-- `recording(batch_axis)`: while an exact step runs on DTensors,
+- `recording(mesh, batch_axis)`: while an exact step runs on DTensors,
   `dtensor_ops.megatron_contraction` adds one `Contraction` per call to
   the step's `ContractionPlan`, naming the mesh axes its result is summed
   over and, per operand, the axes its gradient is summed over. Every
   other redistribution of a DTensor, implicit or explicit, is a *fault*:
-  a step with a fault must stay on DTensors. So are partial operands, a
-  gradient laid out otherwise than by a sum, model outputs split over an
-  axis other than the batch axis, gradients summed over such an axis
-  when backward ends, and random draws. Mesh axes of size 1 move nothing
-  and are ignored.
-- `replaying(plan, mesh)`: in a local step, the i-th contraction issues
-  the i-th `Contraction`'s all-reduces (`_SumForward`, `_SumGradient`).
-  A step whose contractions are more than its plan's raises: its program
-  changed between steps.
+  a step with a fault must stay on DTensors. Partial operands, a gradient
+  laid out otherwise than by a sum, model outputs split over an axis
+  other than the batch axis, gradients summed over such an axis when
+  backward ends, and random draws are faults too. Mesh axes of size 1
+  move nothing and are ignored. (The inputs' rows, and the outputs
+  replicated over the batch axis, are what a local step does with its
+  own rows: `allowed()`, `accounted()`.)
+- `replaying(plan)`: in a local step, the i-th contraction issues the
+  i-th `Contraction`'s all-reduces (`_SumForward`, `_SumGradient`). A
+  step that runs another number of contractions than its plan raises:
+  its program changed between steps.
 
 Plans are data: one list per kind of step, in call order, the same on
 every rank because every rank runs the same program on the same layouts.
@@ -224,13 +226,11 @@ def record_output(output):
     plan = recorder()
     if plan is None:
         return
-    placements = output.placements
-    batch = plan.mesh.mesh_dim_names.index(plan.batch_axis)
-    moved = moving_axes(
-        output.device_mesh, placements, [None] * len(placements)
-    )
-    if output.device_mesh != plan.mesh or any(
-        axis != batch and not placements[axis].is_replicate() for axis in moved
+    mesh, placements = plan.mesh, output.placements
+    batch = mesh.mesh_dim_names.index(plan.batch_axis)
+    if output.device_mesh != mesh or any(
+        axis != batch and mesh.size(axis) > 1 and not p.is_replicate()
+        for axis, p in enumerate(placements)
     ):
         plan.fault(f"a model output laid out as {tuple(placements)}")
 

@@ -235,12 +235,12 @@ def _optimizer_variables(model):
     return list(optimizer.variables) if optimizer is not None else []
 
 
-def _forward_state(model, seeds=False):
-    """Non-trainable model variables, random seed states only if `seeds`."""
+def _forward_state(model):
+    """Non-trainable model variables other than random seed states."""
     return [
         v
         for v in model.non_trainable_variables
-        if seeds or "seed_generator_state" not in v.path
+        if "seed_generator_state" not in v.path
     ]
 
 
@@ -250,12 +250,20 @@ class NotReplicated(ValueError):
 
 def _replica(variable):
     value = variable._value
-    if not isinstance(value, DTensor):
-        return value  # A plain variable is its own replica.
-    if not all(p.is_replicate() for p in value.placements):
+    if isinstance(value, DTensor) and not all(
+        p.is_replicate() for p in value.placements
+    ):
         raise NotReplicated(
             f"{variable.path} is laid out as {tuple(value.placements)}"
         )
+    return local_parameter(value)
+
+
+def local_parameter(value):
+    """A parameter sharing DTensor `value`'s local tensor (a plain value
+    is its own)."""
+    if not isinstance(value, DTensor):
+        return value
     return torch.nn.Parameter(
         value._local_tensor, requires_grad=value.requires_grad
     )

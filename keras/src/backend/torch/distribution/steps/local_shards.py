@@ -34,7 +34,6 @@ agreed by every rank (one all-reduce) and kept with the plan;
 
 import contextlib
 
-import torch
 from torch.distributed.tensor import DTensor
 
 from keras.src.backend.torch.distribution import contraction_plan
@@ -72,18 +71,17 @@ class LocalShards(local_replicas.LocalReplicas):
 
     def local_value(self, variable):
         value = variable._value
-        if not isinstance(value, DTensor):
-            return value
         batch = self._batch_dim()
-        split = not value.placements[batch].is_replicate()
-        if split and self.mesh.size(batch) > 1:
+        if (
+            isinstance(value, DTensor)
+            and self.mesh.size(batch) > 1
+            and not value.placements[batch].is_replicate()
+        ):
             raise local_replicas.NotReplicated(
                 f"{variable.path} is split over the batch axis: "
                 f"{tuple(value.placements)}"
             )
-        return torch.nn.Parameter(
-            value._local_tensor, requires_grad=value.requires_grad
-        )
+        return local_replicas.local_parameter(value)
 
     def wants_exact_step(self, kind):
         return self.verdicts.get(kind, "probe") != "local"

@@ -159,22 +159,26 @@ def as_tensors(data):
     )
 
 
+def _local_route(distribution):
+    """The class that runs steps under `distribution` on local tensors
+    (after a first step of each kind on DTensors), or None."""
+    if local_shards.eligible(distribution):
+        return local_shards.LocalShards
+    if local_replicas.eligible(distribution):
+        return local_replicas.LocalReplicas
+    return None
+
+
 def runs_on_local_tensors(distribution):
-    """Whether steps under `distribution` may run on local tensors (after
-    a first step of each kind on DTensors)."""
-    return local_shards.eligible(distribution) or local_replicas.eligible(
-        distribution
-    )
+    """Whether steps under `distribution` may run on local tensors."""
+    return _local_route(distribution) is not None
 
 
 def local_replicas_for(model, state, distribution):
     """`model`'s `LocalReplicas` (or `LocalShards`), built or rebuilt as
     needed, or None where its steps cannot run on local tensors."""
-    if local_shards.eligible(distribution):
-        kind = local_shards.LocalShards
-    elif local_replicas.eligible(distribution):
-        kind = local_replicas.LocalReplicas
-    else:
+    local_route = _local_route(distribution)
+    if local_route is None:
         return None
     replicas = state.replicas
     if replicas is None or replicas.stale():
@@ -182,7 +186,7 @@ def local_replicas_for(model, state, distribution):
             return None
         mesh = distribution.device_mesh.backend_mesh
         try:
-            replicas = kind(
+            replicas = local_route(
                 model,
                 state,
                 mesh,
