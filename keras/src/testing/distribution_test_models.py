@@ -105,9 +105,35 @@ def blocks_layouts(layout_map):
     layout_map["attention/attention_output/kernel"] = ("model", None, None)
 
 
+def torch_blocks():
+    """`blocks`' column-then-row pair as a wrapped PyTorch module, between
+    Keras layers."""
+    import torch  # Seeded by `keras.utils.set_random_seed`.
+
+    module = torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)
+    )
+    inputs = keras.Input((SEQUENCE_LENGTH, 8))
+    x = keras.layers.Dense(8, name="pre")(inputs)
+    x = x + keras.layers.TorchModuleWrapper(
+        module, name="mlp", output_shape=(None, SEQUENCE_LENGTH, 8)
+    )(x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    outputs = keras.layers.Dense(NUM_CLASSES, name="head")(x)
+    return keras.Model(inputs, outputs, name="torch_blocks")
+
+
+def torch_blocks_layouts(layout_map):
+    """torch's `ColwiseParallel` then `RowwiseParallel`, in PyTorch's
+    spelling (a `Linear` weight is `(out, in)`)."""
+    layout_map["mlp.0.weight"] = ("model", None)
+    layout_map["mlp.2.weight"] = (None, "model")
+
+
 MODELS = {
     "mlp": (mlp, mlp_layouts),
     "blocks": (blocks, blocks_layouts),
+    "torch_blocks": (torch_blocks, torch_blocks_layouts),
     "cnn": (cnn, cnn_layouts),
     "transformer": (transformer, transformer_layouts),
 }
@@ -120,7 +146,7 @@ def data(model_name, samples=32):
         features = rng.randn(samples, 12).astype("float32")
     elif model_name == "cnn":
         features = rng.randn(samples, 8, 8, 3).astype("float32")
-    elif model_name == "blocks":
+    elif model_name in ("blocks", "torch_blocks"):
         features = rng.randn(samples, SEQUENCE_LENGTH, 8).astype("float32")
     else:
         features = rng.randint(0, VOCABULARY, (samples, SEQUENCE_LENGTH))

@@ -76,6 +76,9 @@ class ContractionPlan:
         self.batch_axis = batch_axis
         self.contractions = []
         self.faults = []
+        # {1-D mesh of a wrapped module's styles: whether local styles
+        # issue its redistributions by hand} (`styled_mesh`).
+        self.styled_meshes = {}
 
     def fault(self, message):
         if len(self.faults) < 8:  # Enough to tell a user why.
@@ -235,6 +238,18 @@ def record_output(output):
         plan.fault(f"a model output laid out as {tuple(placements)}")
 
 
+def styled_mesh(mesh, replayed):
+    """Redistributions on `mesh`, the 1-D mesh of a wrapped module's
+    parallel styles, are the styles' own: not faults where a local step
+    issues them by hand (`replayed`, see `torch_modules/local_styles.py`),
+    unless another module's styles on the same mesh are not replayed."""
+    plan = recorder()
+    if plan is not None:
+        plan.styled_meshes[mesh] = replayed and plan.styled_meshes.get(
+            mesh, True
+        )
+
+
 def record_gradient_sum(mesh, axes):
     """A gradient summed over mesh `axes` when backward ends: local steps
     sum over the batch axis only."""
@@ -256,7 +271,11 @@ def _install_redistribution_watch():
 
     def redistribute_local_tensor(local_tensor, current, target, **kwargs):
         plan = recorder()
-        if plan is not None and not _local.allowed:
+        if (
+            plan is not None
+            and not _local.allowed
+            and not plan.styled_meshes.get(current.mesh, False)
+        ):
             before, after = current.placements, target.placements
             if moving_axes(current.mesh, before, after):
                 plan.fault(f"a tensor redistributed from {before} to {after}")
@@ -289,11 +308,11 @@ class Replay:
         operands = list(operands)
         for index, axes in contraction.gradient_axes.items():
             groups = [self.groups[axis] for axis in axes]
-            operands[index] = _SumGradient.apply(operands[index], groups)
+            operands[index] = gradient_summed(operands[index], groups)
         result = contract(*operands)
         if contraction.forward_axes:
             groups = [self.groups[axis] for axis in contraction.forward_axes]
-            result = _SumForward.apply(result.contiguous(), groups)
+            result = summed(result, groups)
         return result
 
     def changed(self, calls):
@@ -333,6 +352,18 @@ def _all_reduced(tensor, groups):
         else:
             dist.all_reduce(tensor, group=group)
     return tensor
+
+
+def summed(partial, groups):
+    """Megatron's `g` on a plain tensor: `partial` summed over `groups`;
+    its gradient passes through."""
+    return _SumForward.apply(partial.contiguous(), groups)
+
+
+def gradient_summed(x, groups):
+    """Megatron's `f` on a plain tensor: `x`, its gradient summed over
+    `groups`."""
+    return _SumGradient.apply(x, groups)
 
 
 class _SumForward(torch.autograd.Function):

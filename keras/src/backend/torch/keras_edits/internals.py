@@ -346,8 +346,16 @@ ADAM_ATTRIBUTES = (
     "amsgrad",
 )
 # What a torch parallel style takes and gives (a wrapped module's inputs
-# and outputs are laid out to match):
-PARALLEL_STYLE_ATTRIBUTES = ("input_layouts", "output_layouts")
+# and outputs are laid out to match; `torch_modules/local_styles.py` tells
+# the default styles apart by them):
+PARALLEL_STYLE_ATTRIBUTES = (
+    "input_layouts",
+    "output_layouts",
+    "use_local_output",
+)
+# A module's forward hooks, where `parallelize_module` registers a style's:
+# wrapped to step aside in steps on local shards (`local_styles.py`).
+TORCH_MODULE_ATTRIBUTES = ("_forward_pre_hooks", "_forward_hooks")
 # The open group of a weights store (partial reads):
 H5_IO_STORE_ATTRIBUTES = ("_h5_entry_group",)
 # What BackupAndRestore writes where (rank 0 writes it):

@@ -64,6 +64,11 @@ class InternalsTest(testing.TestCase):
         for style in (ColwiseParallel(), RowwiseParallel()):
             for attribute in internals.PARALLEL_STYLE_ATTRIBUTES:
                 self.assertTrue(hasattr(style, attribute), attribute)
+        import torch
+
+        linear = torch.nn.Linear(2, 2)
+        for attribute in internals.TORCH_MODULE_ATTRIBUTES:
+            self.assertIsInstance(getattr(linear, attribute), dict, attribute)
 
     def test_every_tensorflow_internal_resolves(self):
         if importlib.util.find_spec("tensorflow") is None:

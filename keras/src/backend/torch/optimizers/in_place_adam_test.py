@@ -4,6 +4,8 @@ with fewer temporaries."""
 import numpy as np
 import torch
 from absl.testing import parameterized
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import keras
@@ -11,6 +13,7 @@ from keras.src import testing
 from keras.src.backend.torch.optimizers import in_place_adam
 from keras.src.backend.torch.optimizers import torch_adam
 from keras.src.backend.torch.optimizers import torch_adamw
+from keras.src.testing.multi_process import run_on_processes
 
 SHAPES = ((7, 5), (5,), (3, 4, 2))
 STEPS = 6
@@ -33,8 +36,9 @@ def upstream_class(optimizer_class):
     )
 
 
-def train(optimizer_class, dtype="float32", **options):
-    """Variables and optimizer variables after `STEPS` random updates."""
+def train(optimizer_class, dtype="float32", lay_out=None, **options):
+    """Variables and optimizer variables after `STEPS` random updates
+    (each gradient laid out like its variable by `lay_out`, if given)."""
     rng = np.random.RandomState(0)
     variables = [
         keras.Variable(rng.randn(*shape), dtype=dtype, name=f"v{i}")
@@ -46,6 +50,8 @@ def train(optimizer_class, dtype="float32", **options):
             torch.tensor(rng.randn(*shape), dtype=variables[0].value.dtype)
             for shape in SHAPES
         ]
+        if lay_out is not None:
+            grads = [lay_out(g, v.value) for g, v in zip(grads, variables)]
         optimizer.apply(grads, variables)
     return [v.value.detach().clone() for v in variables + optimizer.variables]
 
@@ -65,6 +71,41 @@ def numpy_adam(beta_1=0.9, beta_2=0.999, eps=1e-7):
             v[i] = beta_2 * v[i] + (1 - beta_2) * g * g
             values[i] = values[i] - rate * m[i] / (np.sqrt(v[i]) + eps)
     return values
+
+
+def train_distributed():
+    """`train` with DTensor variables (one split, two replicated) on a 1x2
+    mesh, updated through their blocks, then by DTensor: the whole values
+    of each, and whether the blocks were updated at each step."""
+    devices = keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh((1, 2), ["batch", "model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map["v2"] = (None, "model", None)
+    blocks = in_place_adam.local_blocks
+    results, on_blocks = [], []
+
+    def lay_out(grad, value):
+        return distribute_tensor(grad, value.device_mesh, value.placements)
+
+    for use_blocks in (True, False):
+
+        def recorded(*tensor_lists):
+            result = blocks(*tensor_lists) if use_blocks else tensor_lists
+            on_blocks.append(not isinstance(result[0][0], DTensor))
+            return result
+
+        in_place_adam.local_blocks = recorded
+        try:
+            with keras.distribution.ModelParallel(
+                layout_map=layout_map
+            ).scope():
+                values = train(
+                    keras.optimizers.Adam, amsgrad=True, lay_out=lay_out
+                )
+        finally:
+            in_place_adam.local_blocks = blocks
+        results.append([v.full_tensor() for v in values])
+    return results, on_blocks
 
 
 class Recorder(TorchDispatchMode):
@@ -139,6 +180,15 @@ class InPlaceAdamTest(testing.TestCase):
         keras_own = train(upstream_class(keras.optimizers.Adam), amsgrad=True)
         for a, b in zip(ours, keras_own):
             self.assertTrue(torch.equal(a, b))
+
+    def test_dtensor_variables_update_their_blocks(self):
+        one_process = train(keras.optimizers.Adam, amsgrad=True)
+        results = run_on_processes(2, train_distributed)
+        (blocks, dtensors), on_blocks = results[0]
+        self.assertEqual(on_blocks, [True] * STEPS + [False] * STEPS)
+        for a, b, c in zip(blocks, dtensors, one_process):
+            self.assertTrue(torch.equal(a, b))
+            self.assertTrue(torch.equal(a, c))
 
     def test_matches_adam_definition(self):
         # Keras 3.16 rounds part of the update of float64 variables to

@@ -109,6 +109,7 @@ class StepPlanTest(testing.TestCase):
         ("mlp_data", "data", "mlp", 2),
         ("mlp_model", "model", "mlp", 2),
         ("mlp_fsdp", "fsdp", "mlp", 2),
+        ("torch_blocks_model", "model", "torch_blocks", 2),
         ("transformer_data", "data", "transformer", 2),
         ("transformer_model", "model", "transformer", 2),
         ("transformer_2d", "2d", "transformer", 4),

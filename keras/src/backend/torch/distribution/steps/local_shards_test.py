@@ -129,6 +129,23 @@ class LocalShardsTest(testing.TestCase):
         self.assertEqual(dtensor["collectives"], local["collectives"])
         self.assertAllClose(local["losses"], dtensor["losses"], rtol=1e-6)
 
+    def test_wrapped_module_styles_run_on_local_shards(self):
+        # torch's ColwiseParallel and RowwiseParallel on a wrapped module's
+        # Linear layers, by hand on plain blocks (`local_styles`).
+        local, dtensor = run_on_processes(
+            2, against_dtensors, "torch_blocks", "model"
+        )[0]
+        self.assertEqual(
+            local["verdicts"],
+            {"train": "local", "test": "local", "predict": "local"},
+        )
+        self.assertSameNumbers(local, _fit("torch_blocks", None))
+        # One all-reduce after the row-wise layer, one into the column-wise
+        # layer's input gradient: as the styles issue them on DTensors.
+        self.assertEqual(local["collectives"], {"all_reduce": 2})
+        self.assertEqual(dtensor["collectives"], local["collectives"])
+        self.assertAllClose(local["losses"], dtensor["losses"], rtol=1e-6)
+
     def test_2d_mesh_sums_gradients_over_the_batch_axis(self):
         local, single = run_on_processes(
             4, against_one_process, "blocks", "2d"
