@@ -23,7 +23,9 @@ figures as one JSON object, the last line (see `plan`).
 
 Per rank it counts the weights, their gradients and the optimizer's
 variables (`state_bytes.py`), exactly; not activations or a step's
-temporaries.
+temporaries. Once the model has run steps, it says which route each kind
+of step takes (local shards, local replicas or DTensors; see
+`steps/route.py`) and why a kind stays on DTensors.
 """
 
 import argparse
@@ -41,6 +43,7 @@ from keras.src.backend.torch.distribution import layout_maps
 from keras.src.backend.torch.distribution import process_group
 from keras.src.backend.torch.distribution.diagnostics import state_bytes
 from keras.src.backend.torch.distribution.diagnostics import step_plan
+from keras.src.backend.torch.distribution.steps import route
 from keras.src.backend.torch.distribution.torch_modules import wrapped_modules
 from keras.src.distribution import distribution as current_distribution
 
@@ -74,7 +77,8 @@ def plan(
     rank with `weights_bytes`, `gradient_bytes`, `optimizer_bytes`, their
     sum `state_bytes`, and with `batch`, `activation_bytes_peak` and
     `total_bytes`; with `batch`, `"step"`: `collectives_per_step` and
-    `collective_bytes_per_step` by kind; with `device_memory`, `"fit"`:
+    `collective_bytes_per_step` by kind; once the model has run steps,
+    `"routes"`: `{kind: {"route", "why"}}`; with `device_memory`, `"fit"`:
     the ranks over it and by how much, and the largest replicated weights
     with a layout-map entry for each."""
     return _described(model, distribution, device_memory, batch, sequence)[1]
@@ -114,6 +118,14 @@ def _described(model, distribution, device_memory, batch, sequence):
     if batch is not None:
         lines.append("")
         lines.extend(_step_lines(result["step"]))
+    routes = route.step_routes(model)
+    if routes:
+        result["routes"] = {
+            kind: {"route": name, "why": why}
+            for kind, (name, why) in routes.items()
+        }
+        lines.append("")
+        lines.extend(_route_lines(routes))
     if device_memory is not None:
         if isinstance(device_memory, str):
             device_memory = state_bytes.parse_size(device_memory)
@@ -138,6 +150,21 @@ def _step_lines(step):
         " simulated; ranks with smaller blocks of an unevenly split dim hold"
         " a little less."
     ]
+
+
+def _route_lines(routes):
+    """`Steps: train on local shards; ...`, then why each kind that
+    stays on DTensors does."""
+    kinds = "; ".join(
+        f"{'every step' if kind == 'all' else kind} on {name}"
+        for kind, (name, _) in routes.items()
+    )
+    lines = [f"Steps: {kinds}."]
+    for kind, (_, why) in routes.items():
+        if why:
+            steps = "Steps" if kind == "all" else f"{kind.capitalize()} steps"
+            lines.append(f"{steps} stay on DTensors: {'; '.join(why)}.")
+    return lines
 
 
 def _axis_to_split(distribution):

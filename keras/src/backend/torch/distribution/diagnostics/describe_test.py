@@ -83,7 +83,8 @@ def local_bytes(values):
 def planned_and_held(kind):
     """`plan`'s entries for every rank, and what this rank held in a real
     training step: its blocks of the weights, of the gradients the
-    optimizer received, and of the optimizer's variables."""
+    optimizer received, and of the optimizer's variables; then the routes
+    `plan` gives and the lines `describe` writes of them."""
     with distribution_for(kind).scope():
         model = keras.Sequential(
             [
@@ -104,7 +105,9 @@ def planned_and_held(kind):
         model.optimizer.apply = recording_apply
         x = np.random.RandomState(0).rand(16, 10).astype("float32")
         model.fit(x, x[:, :5], batch_size=8, epochs=1, verbose=0)
-        entries = plan(model)["ranks"]
+        planned = plan(model)
+        entries, routes = planned["ranks"], planned["routes"]
+        text = describe(model)
     whole = sum(int(np.prod(v.shape)) * 4 for v in model.weights)
     held = {
         "weights_bytes": local_bytes(v.value for v in model.weights),
@@ -113,7 +116,19 @@ def planned_and_held(kind):
             v.value for v in model.optimizer.variables
         ),
     }
-    return entries, held, whole
+    steps = [line for line in text.split("\n") if line.startswith("Step")]
+    return entries, held, whole, routes, steps
+
+
+LOCAL_SHARDS = {"train": {"route": "local shards", "why": []}}
+ROUTES = {
+    "data": {
+        "train": {"route": "local replicas", "why": []},
+        "predict": {"route": "local replicas", "why": []},
+    },
+    "model": LOCAL_SHARDS,
+    "2d": LOCAL_SHARDS,
+}
 
 
 class DescribeTest(testing.TestCase):
@@ -159,10 +174,10 @@ class DescribeTest(testing.TestCase):
         if LEAN and kind != "model":
             self.skipTest("one layout on the second Keras")
         results = run_on_processes(processes, planned_and_held, kind)
-        plans = [entries for entries, _, _ in results]
+        plans = [result[0] for result in results]
         self.assertEqual(plans[0], plans[-1])  # Printed alike everywhere.
         self.assertEqual(len(plans[0]), processes)
-        for rank, (entries, held, _) in enumerate(results):
+        for rank, (entries, held, *_) in enumerate(results):
             entry = entries[rank]
             self.assertEqual(entry["rank"], rank)
             for field, value in held.items():
@@ -175,6 +190,17 @@ class DescribeTest(testing.TestCase):
             self.assertEqual(plans[0][0]["weights_bytes"], whole)
         else:  # Something is split: ranks hold less.
             self.assertLess(plans[0][0]["weights_bytes"], whole)
+        # And which route the steps took.
+        routes, steps = results[0][3:]
+        if kind == "fsdp":  # A weight split over the batch axis.
+            (why,) = routes["all"]["why"]
+            self.assertRegex(why, "up/kernel is split over the batch axis")
+            self.assertEqual(steps[0], "Steps: every step on DTensors.")
+            self.assertEqual(steps[1], f"Steps stay on DTensors: {why}.")
+        else:
+            self.assertEqual(routes, ROUTES[kind])
+            name = routes["train"]["route"]
+            self.assertTrue(steps[0].startswith(f"Steps: train on {name}"))
 
     def test_command_line_simulates_a_larger_mesh(self):
         env = dict(os.environ, KERAS_BACKEND="torch")

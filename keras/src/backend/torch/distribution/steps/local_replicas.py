@@ -47,6 +47,9 @@ from keras.src.backend.torch.distribution.steps import forward
 from keras.src.backend.torch.distribution.steps import gradient_buckets
 from keras.src.distribution import DataParallel
 
+# Why a model's steps keep the exact route after its first step of a kind.
+CHANGED_STATE = "non-trainable state changed, or losses added"
+
 
 def eligible(distribution):
     """Whether steps under `distribution` may run on local replicas."""

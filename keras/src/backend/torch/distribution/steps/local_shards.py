@@ -95,7 +95,7 @@ class LocalShards(local_replicas.LocalReplicas):
             with super().exact_step(kind):
                 yield
         if self.verdicts[kind] == "exact":
-            plan.fault("non-trainable state changed, or losses added")
+            plan.fault(local_replicas.CHANGED_STATE)
         local = _agreed(not plan.faults)
         self.verdicts[kind] = "local" if local else "exact"
         self.plans[kind], self.faults[kind] = plan, plan.faults

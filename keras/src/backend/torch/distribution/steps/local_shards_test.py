@@ -62,6 +62,7 @@ def _fit(model_name, distribution, jit_compile=False, dropout=False, **options):
     with _Collectives() as step:
         model.train_on_batch(x[:8], y[:8])
     state = route.state_of(model)
+    routes = route.step_routes(model)
     keras.distribution.set_distribution(None)
     replicas = state.replicas
     return dict(
@@ -70,6 +71,7 @@ def _fit(model_name, distribution, jit_compile=False, dropout=False, **options):
         predictions=predictions,
         collectives=step.counts,
         route=type(replicas).__name__,
+        routes=routes,
         verdicts=getattr(replicas, "verdicts", None),
         faults=getattr(replicas, "faults", None),
         compiled=state.compiled_forward is not None and graphs > 0,
@@ -114,6 +116,10 @@ class LocalShardsTest(testing.TestCase):
             {"train": "local", "test": "local", "predict": "local"},
         )
         self.assertEqual(local["faults"]["train"], [])
+        self.assertEqual(
+            local["routes"],
+            {kind: ("local shards", []) for kind in local["verdicts"]},
+        )
         self.assertSameNumbers(local, single)
         # Forward: one all-reduce after the row-wise `down` and one after
         # the attention output. Backward: one into each of query, key and
@@ -176,6 +182,9 @@ class LocalShardsTest(testing.TestCase):
             )[0]
             self.assertEqual(local["verdicts"]["train"], "exact", name)
             self.assertNotEqual(local["faults"]["train"], [], name)
+            self.assertEqual(
+                local["routes"]["train"], ("DTensors", local["faults"]["train"])
+            )
             self.assertSameNumbers(local, single)
 
     def test_jit_compile_under_model_parallel(self):

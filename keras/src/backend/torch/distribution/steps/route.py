@@ -53,8 +53,8 @@ class StepState:
 
     Attributes:
         replicas: the model's `LocalReplicas` (or `LocalShards`), or None.
-        not_local: whether a variable's layout rules local tensors out
-            (until the next train function).
+        not_local: why a variable's layout rules local tensors out (until
+            the next train function), or False.
         gradient_hooks: handles of the DTensor route's gradient relayout.
         compiled_forward: the model's compiled `call` (`jit_compile`).
         warned_eager: whether the "runs eagerly" warning was given.
@@ -193,11 +193,39 @@ def local_replicas_for(model, state, distribution):
                 distribution.batch_dim_name,
                 previous=replicas,
             )
-        except local_replicas.NotReplicated:
-            state.not_local = True
+        except local_replicas.NotReplicated as error:
+            state.not_local = str(error)
             return None
         state.replicas = replicas
     return replicas
+
+
+def step_routes(model):
+    """How `model`'s steps run under the current distribution:
+    `{kind: (route, reasons)}` for each kind ("train", "test", "predict";
+    `"all"` where one reason covers every kind) whose route is known, the
+    route being "local shards", "local replicas" or "DTensors", and the
+    reasons why a kind stays on DTensors. Empty before the first step."""
+    state = model.__dict__.get(STATE_ATTRIBUTE)
+    if state is None:
+        return {}
+    replicas = state.replicas
+    if replicas is None:
+        why = [state.not_local] if state.not_local else []
+        return {"all": ("DTensors", why)}
+    verdicts = dict(replicas.verdicts)
+    route = "local shards"
+    if not isinstance(replicas, local_shards.LocalShards):
+        route = "local replicas"
+        verdicts["predict"] = "local"  # Prediction changes nothing.
+    faults = getattr(replicas, "faults", {})
+    why = [local_replicas.CHANGED_STATE]
+    return {
+        kind: (route, [])
+        if verdict == "local"
+        else ("DTensors", faults.get(kind) or why)
+        for kind, verdict in verdicts.items()
+    }
 
 
 def prepare_train_function(model):
