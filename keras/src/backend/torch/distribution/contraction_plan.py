@@ -242,9 +242,12 @@ def styled_mesh(mesh, replayed):
     """Redistributions on `mesh`, the 1-D mesh of a wrapped module's
     parallel styles, are the styles' own: not faults where a local step
     issues them by hand (`replayed`, see `torch_modules/local_styles.py`),
-    unless another module's styles on the same mesh are not replayed."""
+    unless another module's styles on the same mesh are not replayed, or
+    the styles' mesh is the model's own (a 1-D mesh), where their
+    redistributions cannot be told from any other."""
     plan = recorder()
     if plan is not None:
+        replayed = replayed and mesh != plan.mesh
         plan.styled_meshes[mesh] = replayed and plan.styled_meshes.get(
             mesh, True
         )
