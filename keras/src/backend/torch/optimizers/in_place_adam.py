@@ -67,7 +67,10 @@ def host_scalar(tensor):
     wait (a CPU tensor, or a replicated DTensor's CPU block), else None.
     A fake CPU tensor (a step being planned, `diagnostics/step_plan.py`)
     has no value: 0.0 stands in, so that the plan runs the real step's
-    ops."""
+    ops. While torch.compile traces (`jit_compile=True`), reading a value
+    would break the graph in two: None, so the update traces whole."""
+    if torch.compiler.is_compiling():
+        return None
     if isinstance(tensor, DTensor):
         tensor = tensor.to_local()
     if tensor.device.type != "cpu":

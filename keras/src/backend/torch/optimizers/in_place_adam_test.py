@@ -181,6 +181,28 @@ class InPlaceAdamTest(testing.TestCase):
         for a, b in zip(ours, keras_own):
             self.assertTrue(torch.equal(a, b))
 
+    def test_traces_whole_under_torch_compile(self):
+        # `jit_compile=True` compiles the optimizer's update inside the
+        # step: no value is read on the host, so no graph break.
+        rng = np.random.RandomState(0)
+        variables = [keras.Variable(rng.randn(*shape)) for shape in SHAPES]
+        expected = [keras.Variable(v.numpy()) for v in variables]
+        grads = [torch.tensor(rng.randn(*shape)).float() for shape in SHAPES]
+        optimizer = keras.optimizers.Adam(amsgrad=True)
+        optimizer.build(variables)
+        reference = upstream_class(keras.optimizers.Adam)(amsgrad=True)
+        reference.build(expected)
+        update = torch.compile(
+            optimizer._parallel_update_step, fullgraph=True, backend="eager"
+        )
+        with torch.no_grad():  # As `BaseOptimizer.apply` runs it.
+            update(grads, variables, optimizer.learning_rate)
+            reference._parallel_update_step(
+                grads, expected, reference.learning_rate
+            )
+        for a, b in zip(variables, expected):
+            self.assertTrue(torch.equal(a.value, b.value))
+
     def test_dtensor_variables_update_their_blocks(self):
         one_process = train(keras.optimizers.Adam, amsgrad=True)
         results = run_on_processes(2, train_distributed)
