@@ -130,10 +130,31 @@ def torch_blocks_layouts(layout_map):
     layout_map["mlp.2.weight"] = (None, "model")
 
 
+def torch_embedding():
+    """A wrapped PyTorch embedding table, then Keras layers."""
+    import torch  # Seeded by `keras.utils.set_random_seed`.
+
+    inputs = keras.Input((SEQUENCE_LENGTH,), dtype="int32")
+    x = keras.layers.TorchModuleWrapper(
+        torch.nn.Embedding(VOCABULARY, 8),
+        name="table",
+        output_shape=(None, SEQUENCE_LENGTH, 8),
+    )(inputs)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    outputs = keras.layers.Dense(NUM_CLASSES, name="head")(x)
+    return keras.Model(inputs, outputs, name="torch_embedding")
+
+
+def torch_embedding_layouts(layout_map):
+    """The table split over its vocabulary: torch's `RowwiseParallel`."""
+    layout_map["table.weight"] = ("model", None)
+
+
 MODELS = {
     "mlp": (mlp, mlp_layouts),
     "blocks": (blocks, blocks_layouts),
     "torch_blocks": (torch_blocks, torch_blocks_layouts),
+    "torch_embedding": (torch_embedding, torch_embedding_layouts),
     "cnn": (cnn, cnn_layouts),
     "transformer": (transformer, transformer_layouts),
 }

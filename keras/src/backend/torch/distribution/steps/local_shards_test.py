@@ -135,22 +135,33 @@ class LocalShardsTest(testing.TestCase):
         self.assertEqual(dtensor["collectives"], local["collectives"])
         self.assertAllClose(local["losses"], dtensor["losses"], rtol=1e-6)
 
-    def test_wrapped_module_styles_run_on_local_shards(self):
-        # torch's ColwiseParallel and RowwiseParallel on a wrapped module's
-        # Linear layers, by hand on plain blocks (`local_styles`).
+    def assertStylesRunLocally(self, model_name, collectives):
+        """On 1x2, every kind of step of `model_name` on local shards, with
+        one process's numbers and `collectives` a training step, those of
+        the same steps on DTensors through torch's styles."""
         local, dtensor = run_on_processes(
-            2, against_dtensors, "torch_blocks", "model"
+            2, against_dtensors, model_name, "model"
         )[0]
         self.assertEqual(
             local["verdicts"],
             {"train": "local", "test": "local", "predict": "local"},
         )
-        self.assertSameNumbers(local, _fit("torch_blocks", None))
-        # One all-reduce after the row-wise layer, one into the column-wise
-        # layer's input gradient: as the styles issue them on DTensors.
-        self.assertEqual(local["collectives"], {"all_reduce": 2})
+        self.assertSameNumbers(local, _fit(model_name, None))
+        self.assertEqual(local["collectives"], collectives)
         self.assertEqual(dtensor["collectives"], local["collectives"])
         self.assertAllClose(local["losses"], dtensor["losses"], rtol=1e-6)
+
+    def test_wrapped_module_styles_run_on_local_shards(self):
+        # torch's ColwiseParallel and RowwiseParallel on a wrapped module's
+        # Linear layers, by hand on plain blocks (`local_styles`): one
+        # all-reduce after the row-wise layer, one into the column-wise
+        # layer's input gradient.
+        self.assertStylesRunLocally("torch_blocks", {"all_reduce": 2})
+
+    def test_wrapped_embedding_split_over_its_vocabulary(self):
+        # torch's RowwiseParallel on an nn.Embedding: masked lookups, then
+        # their sum (`local_styles.LocalRowwiseEmbedding`).
+        self.assertStylesRunLocally("torch_embedding", {"all_reduce": 1})
 
     def test_2d_mesh_sums_gradients_over_the_batch_axis(self):
         local, single = run_on_processes(

@@ -1,9 +1,10 @@
 """Torch's Megatron styles on plain local tensors.
 
 A `TorchModuleWrapper` laid out with `ColwiseParallel`/`RowwiseParallel`
-(`wrapped_modules`) runs its styled `nn.Linear` layers on DTensors of the
-styles' 1-D mesh: each style's hooks lay the input out, DTensor computes
-the linear layer, and the output comes back as this rank's plain block.
+(`wrapped_modules`) runs its styled `nn.Linear` and `nn.Embedding` layers
+on DTensors of the styles' 1-D mesh: each style's hooks lay the input
+out, DTensor computes the layer, and the output comes back as this rank's
+plain block.
 Everything between styled layers already runs on plain blocks. In a
 model-parallel step on local shards (`steps/local_shards.py`) the
 parameters are plain blocks too, and each styled layer communicates as its
@@ -16,18 +17,29 @@ style does, by hand:
   partial products are summed over the axis (Megatron's `g`), then the
   bias, whole on every rank, is added once.
 
-Those are the all-reduces the styles issue on DTensors, one each. Only
-these two styles, with their default layouts, on `nn.Linear`, have a local
-form (`LocalStyles.of` is None for any other plan: the module's steps stay
-on DTensors). The switch is per call: `parallelize_module` registered each
-style's hooks on its submodule; `LocalStyles.of` wraps them so that they
-step aside while `running_locally()`, and the local form runs in their
-place.
+On an `nn.Embedding` (without `padding_idx` or `max_norm`), the two
+styles `plans.infer_parallel_style` gives:
+
+- `ColwiseParallel()`: this rank's block of embedding features; the input
+  is token ids, which have no gradient: nothing to communicate.
+- `RowwiseParallel(input_layouts=Replicate())`: this rank's block of the
+  vocabulary. Ids outside it look up row 0 and come out zero, then the
+  lookups are summed over the axis (`g`): every id has its row on exactly
+  one rank, so the sum is that row, exactly.
+
+Those are the all-reduces the styles issue on DTensors, one each (none
+for a column-wise embedding). Only these styles, with these layouts, have
+a local form (`LocalStyles.of` is None for any other plan: the module's
+steps stay on DTensors). The switch is per call: `parallelize_module`
+registered each style's hooks on its submodule; `LocalStyles.of` wraps
+them so that they step aside while `running_locally()`, and the local form
+runs in their place.
 """
 
 import threading
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ColwiseParallel
@@ -79,12 +91,38 @@ class LocalRowwise(LocalStyle):
         return output if bias is None else output + bias
 
 
+class LocalRowwiseEmbedding(LocalStyle):
+    """`RowwiseParallel(input_layouts=Replicate())` on an `nn.Embedding`
+    whose vocabulary is split: ids outside this rank's rows come out zero,
+    then the lookups are summed over the axis."""
+
+    def __init__(self, group, rows, offset):
+        super().__init__(group)
+        self.rows, self.offset = rows, offset
+        self.outside = threading.local()  # From `before` to `after`.
+
+    def before(self, inputs):
+        ids, *rest = inputs
+        local_ids = ids - self.offset
+        outside = (local_ids < 0) | (local_ids >= self.rows)
+        self.outside.mask = outside
+        return (local_ids.masked_fill(outside, 0), *rest)
+
+    def after(self, output, bias):
+        outside = self.outside.mask
+        self.outside.mask = None
+        output = output.masked_fill(outside.unsqueeze(-1), 0)
+        return contraction_plan.summed(output, [self.group])
+
+
 def local_form(style, submodule, group):
     """The local form of `style` on `submodule`, or None where it has
     none."""
-    if type(submodule) is not torch.nn.Linear:
-        return None
     if not style.use_local_output:
+        return None
+    if type(submodule) is torch.nn.Embedding:
+        return _embedding_form(style, submodule, group)
+    if type(submodule) is not torch.nn.Linear:
         return None
     if type(style) is ColwiseParallel and (
         tuple(style.input_layouts) == (Replicate(),)
@@ -96,6 +134,27 @@ def local_form(style, submodule, group):
         and tuple(style.output_layouts) == (Replicate(),)
     ):
         return LocalRowwise(group)
+    return None
+
+
+def _embedding_form(style, embedding, group):
+    if embedding.padding_idx is not None or embedding.max_norm is not None:
+        return None  # Both index the whole table.
+    input_layouts = tuple(style.input_layouts)
+    output_layouts = tuple(style.output_layouts)
+    if type(style) is ColwiseParallel and (
+        input_layouts == (Replicate(),) and output_layouts == (Shard(-1),)
+    ):
+        return LocalStyle(group)  # Ids have no gradient to sum.
+    if type(style) is RowwiseParallel and (
+        input_layouts == (Replicate(),) and output_layouts == (Replicate(),)
+    ):
+        rows, offset = Shard.local_shard_size_and_offset(
+            embedding.num_embeddings,
+            dist.get_world_size(group),
+            dist.get_rank(group),
+        )
+        return LocalRowwiseEmbedding(group, rows, offset)
     return None
 
 

@@ -113,9 +113,8 @@ LAYOUTS = {
 
 def _set_distribution(layouts_name, mesh_shape):
     devices = keras.distribution.list_devices()
-    mesh = keras.distribution.DeviceMesh(
-        mesh_shape, ["batch", "model"], devices
-    )
+    names = ["batch", "model"][-len(mesh_shape) :]  # 1-D: ("model",).
+    mesh = keras.distribution.DeviceMesh(mesh_shape, names, devices)
     layout_map = keras.distribution.LayoutMap(mesh)
     for key, axes in LAYOUTS[layouts_name].items():
         layout_map[key] = axes
@@ -184,15 +183,21 @@ def save_and_load(directory):
 
 
 class TorchModuleParallelTest(testing.TestCase):
-    def assert_matches_one_process(self, layouts_name, mode, placements):
+    def assert_matches_one_process(
+        self, layouts_name, mode, placements, steps=None
+    ):
+        """Losses equal to one process on 1x2 and 2x2, the wrapper's mode
+        and placements, and (`steps`) describe's line on the route."""
         expected = fit(layouts_name, None)[0]
         for processes, mesh_shape in ((2, (1, 2)), (4, (2, 2))):
-            for losses, got_mode, got_placements, _ in run_on_processes(
+            for losses, got_mode, got_placements, text in run_on_processes(
                 processes, fit, layouts_name, mesh_shape
             ):
                 self.assertAllClose(losses, expected, rtol=1e-5, atol=1e-6)
                 self.assertEqual(got_mode, mode)
                 self.assertEqual(got_placements, placements)
+                if steps is not None:
+                    self.assertIn(f"\nSteps: {steps}.", text)
 
     def test_column_then_row_linear_through_parallel_styles(self):
         placements = [
@@ -203,7 +208,24 @@ class TorchModuleParallelTest(testing.TestCase):
         ]
         for layouts_name in ("styles", "styles_keras_paths"):
             self.assert_matches_one_process(
-                layouts_name, "parallel styles", placements
+                layouts_name,
+                "parallel styles",
+                placements,
+                steps="train on local shards",
+            )
+
+    def test_styles_on_a_one_axis_mesh(self):
+        # The batch is split over the styles' own axis: each weight is
+        # read gathered over it, and each style computes with its block.
+        expected = fit("styles", None)[0]
+        for losses, mode, placements, _ in run_on_processes(
+            2, fit, "styles", (2,)
+        ):
+            self.assertAllClose(losses, expected, rtol=1e-5, atol=1e-6)
+            self.assertEqual(mode, "parallel styles")
+            self.assertEqual(
+                placements,
+                ["(Shard(dim=0),)"] * 2 + ["(Shard(dim=1),)", "(Replicate(),)"],
             )
 
     def test_sequence_parallel_where_outputs_split_the_sequence(self):
@@ -218,13 +240,21 @@ class TorchModuleParallelTest(testing.TestCase):
         )
 
     def test_embedding_rows_and_columns_through_parallel_styles(self):
+        # Split over the vocabulary: masked lookups summed by hand, on
+        # local shards (`local_styles.LocalRowwiseEmbedding`).
         self.assert_matches_one_process(
-            "embedding_rows", "parallel styles", ["(Replicate(), Shard(dim=0))"]
+            "embedding_rows",
+            "parallel styles",
+            ["(Replicate(), Shard(dim=0))"],
+            steps="train on local shards",
         )
+        # Split over the features, which the Keras head then contracts: on
+        # DTensors (the head's replicated kernel meets split features).
         self.assert_matches_one_process(
             "embedding_columns",
             "parallel styles",
             ["(Replicate(), Shard(dim=1))"],
+            steps="train on DTensors",
         )
 
     def test_a_layout_no_style_expresses_goes_dtensor(self):
