@@ -17,8 +17,9 @@ style does, by hand:
   partial products are summed over the axis (Megatron's `g`), then the
   bias, whole on every rank, is added once.
 
-On an `nn.Embedding` (without `padding_idx` or `max_norm`), the two
-styles `plans.infer_parallel_style` gives:
+On an `nn.Embedding` (plain: no `padding_idx`, `max_norm`,
+`scale_grad_by_freq` or sparse gradient), the two styles
+`plans.infer_parallel_style` gives:
 
 - `ColwiseParallel()`: this rank's block of embedding features; the input
   is token ids, which have no gradient: nothing to communicate.
@@ -138,8 +139,13 @@ def local_form(style, submodule, group):
 
 
 def _embedding_form(style, embedding, group):
-    if embedding.padding_idx is not None or embedding.max_norm is not None:
-        return None  # Both index the whole table.
+    if (
+        embedding.padding_idx is not None
+        or embedding.max_norm is not None
+        or embedding.scale_grad_by_freq
+        or embedding.sparse
+    ):
+        return None  # Each reads ids or rows of the whole table.
     input_layouts = tuple(style.input_layouts)
     output_layouts = tuple(style.output_layouts)
     if type(style) is ColwiseParallel and (
