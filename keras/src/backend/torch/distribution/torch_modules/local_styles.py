@@ -121,47 +121,43 @@ def local_form(style, submodule, group):
     none."""
     if not style.use_local_output:
         return None
-    if type(submodule) is torch.nn.Embedding:
-        return _embedding_form(style, submodule, group)
-    if type(submodule) is not torch.nn.Linear:
-        return None
-    if type(style) is ColwiseParallel and (
-        tuple(style.input_layouts) == (Replicate(),)
-        and tuple(style.output_layouts) == (Shard(-1),)
-    ):
-        return LocalColwise(group)
-    if type(style) is RowwiseParallel and (
-        tuple(style.input_layouts) == (Shard(-1),)
-        and tuple(style.output_layouts) == (Replicate(),)
-    ):
-        return LocalRowwise(group)
+    if type(submodule) is torch.nn.Linear:
+        if _styled_as(style, ColwiseParallel, Replicate(), Shard(-1)):
+            return LocalColwise(group)
+        if _styled_as(style, RowwiseParallel, Shard(-1), Replicate()):
+            return LocalRowwise(group)
+    elif type(submodule) is torch.nn.Embedding and _plain(submodule):
+        if _styled_as(style, ColwiseParallel, Replicate(), Shard(-1)):
+            return LocalStyle(group)  # Ids have no gradient to sum.
+        if _styled_as(style, RowwiseParallel, Replicate(), Replicate()):
+            rows, offset = Shard.local_shard_size_and_offset(
+                submodule.num_embeddings,
+                dist.get_world_size(group),
+                dist.get_rank(group),
+            )
+            return LocalRowwiseEmbedding(group, rows, offset)
     return None
 
 
-def _embedding_form(style, embedding, group):
-    if (
+def _styled_as(style, kind, input_layout, output_layout):
+    """Whether `style` is a `kind` taking and leaving these layouts."""
+    return (
+        type(style) is kind
+        and tuple(style.input_layouts) == (input_layout,)
+        and tuple(style.output_layouts) == (output_layout,)
+    )
+
+
+def _plain(embedding):
+    """Whether nothing of `embedding` reads ids or rows of the whole table
+    (a padding row, a norm cap, per-id gradient scaling, sparse
+    gradients)."""
+    return not (
         embedding.padding_idx is not None
         or embedding.max_norm is not None
         or embedding.scale_grad_by_freq
         or embedding.sparse
-    ):
-        return None  # Each reads ids or rows of the whole table.
-    input_layouts = tuple(style.input_layouts)
-    output_layouts = tuple(style.output_layouts)
-    if type(style) is ColwiseParallel and (
-        input_layouts == (Replicate(),) and output_layouts == (Shard(-1),)
-    ):
-        return LocalStyle(group)  # Ids have no gradient to sum.
-    if type(style) is RowwiseParallel and (
-        input_layouts == (Replicate(),) and output_layouts == (Replicate(),)
-    ):
-        rows, offset = Shard.local_shard_size_and_offset(
-            embedding.num_embeddings,
-            dist.get_world_size(group),
-            dist.get_rank(group),
-        )
-        return LocalRowwiseEmbedding(group, rows, offset)
-    return None
+    )
 
 
 def hook_keys(module, plan):

@@ -282,12 +282,12 @@ class ParallelStyles:
         gradient is a partial sum over the batch axis, the module seeing
         part of the batch; the trainer reduces it with the others."""
         value = variable.value
-        if placement is not None and value.placements != self._on_axis(
-            placement
-        ):
-            # Read gathered over the batch axis, which is the styles' axis
-            # too (a 1-D mesh): the style computes with its block of it.
-            value = value.redistribute(self.mesh, self._on_axis(placement))
+        if placement is not None:
+            styled = self._on_axis(placement)
+            if value.placements != styled:
+                # Read gathered over the batch axis, which is the styles'
+                # axis too (a 1-D mesh): the style takes its block of it.
+                value = value.redistribute(self.mesh, styled)
         names = self.mesh.mesh_dim_names
         grad_placements = [
             Partial() if batch_split and names[i] == self.batch_axis else p
