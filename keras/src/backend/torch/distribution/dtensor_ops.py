@@ -137,6 +137,27 @@ def replicated_over(tensor, axis):
     )
 
 
+def any_dtensor(values):
+    """Whether any of `values` is a DTensor, or a variable holding one.
+    Where none is, and no local step replays contractions (`contraction_plan`),
+    the ops edited for distribution run upstream's code untouched: on one
+    process, a layer's ops cost what they cost without this package."""
+    for x in values:
+        if isinstance(x, torch.Tensor):
+            if isinstance(x, DTensor):
+                return True
+        elif isinstance(getattr(x, "_value", None), DTensor):
+            return True
+    return False
+
+
+def plain_contraction(operands):
+    """Whether a matmul or einsum of `operands` runs as upstream's: no
+    operand is or holds a DTensor, and no local step replays the
+    collectives of its contractions."""
+    return contraction_plan.replay() is None and not any_dtensor(operands)
+
+
 def whole_along(x, axis):
     """`x` gathered along dim `axis` (every dim when None) over the mesh
     axes that split it; other splits are kept. For `argmax` and `argmin`:
@@ -576,6 +597,13 @@ def lay_out_attention_mask(mask, query):
     return mask.redistribute(mesh, placements)
 
 
+def has_empty_batch(query):
+    """Whether this rank's block of attention `query` has no rows."""
+    local = query.to_local() if isinstance(query, DTensor) else query
+    shape = getattr(local, "shape", ())
+    return len(shape) > 0 and shape[0] == 0
+
+
 @contextlib.contextmanager
 def attention_kernels_for(query):
     """Inside, attention on `query` runs a kernel that takes an empty batch.
@@ -586,8 +614,7 @@ def attention_kernels_for(query):
     For such a block the math kernel runs, which returns an empty output
     of the right shape; other blocks keep torch's choice of kernel.
     """
-    local = query.to_local() if isinstance(query, DTensor) else query
-    if local.ndim == 0 or local.shape[0] > 0:
+    if not has_empty_batch(query):
         yield
         return
     with sdpa_kernel([SDPBackend.MATH]):

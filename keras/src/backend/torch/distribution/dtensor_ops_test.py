@@ -2,7 +2,9 @@
 tensors. Each body computes both on every rank of a real process group."""
 
 import contextlib
+from unittest import mock
 
+import numpy as np
 import torch
 from absl.testing import parameterized
 from torch.distributed.tensor import DTensor
@@ -213,6 +215,25 @@ def implicit_replication_restores():
     return seen
 
 
+def variables_holding_dtensors():
+    """`any_dtensor` on plain values, and on variables made under
+    `DataParallel` (replicated DTensors) and outside it (plain)."""
+    plain_variable = keras.Variable(np.ones((3, 2), "float32"))
+    mesh = keras.distribution.DeviceMesh(
+        (2,), ["batch"], keras.distribution.list_devices()
+    )
+    with keras.distribution.DataParallel(device_mesh=mesh).scope():
+        laid_out = keras.Variable(np.ones((3, 2), "float32"))
+        product = keras.ops.matmul(np.ones((4, 3), "float32"), laid_out)
+    plain = (torch.ones(2), np.ones(2), plain_variable, None, [1.0])
+    return (
+        dtensor_ops.any_dtensor(plain),
+        dtensor_ops.any_dtensor(plain + (laid_out,)),
+        dtensor_ops.any_dtensor((laid_out.value,)),
+        isinstance(product, DTensor),
+    )
+
+
 class DTensorOpsTest(testing.TestCase):
     def assert_matches(self, result, fallback=None):
         errors, fallback_ops = result
@@ -277,3 +298,45 @@ class DTensorOpsTest(testing.TestCase):
     def test_implicit_replication_restores_the_flag(self):
         for seen in run_on_processes(1, implicit_replication_restores):
             self.assertEqual(seen, [True, True, True, False])
+
+    def test_plain_operands_run_upstream_code(self):
+        # On one process, the edited ops return at their first test:
+        # none of the distribution helpers runs.
+        helpers = (
+            "megatron_contraction",
+            "sharded_lookup",
+            "whole_along",
+            "lay_out_attention_inputs",
+            "attention_kernels_for",
+        )
+        with contextlib.ExitStack() as stack:
+            for name in helpers:
+                stack.enter_context(
+                    mock.patch.object(
+                        dtensor_ops, name, side_effect=AssertionError(name)
+                    )
+                )
+            x = _leaf((4, 3), 0).detach()
+            kernel = keras.Variable(_leaf((3, 2), 1).detach())
+            table = _leaf((5, 3), 2).detach()
+            ids = torch.tensor([[0, 4, 1], [2, 2, 3]])
+            q = _leaf((2, 4, 2, 3), 3).detach()
+            self.assertAllClose(keras.ops.matmul(x, kernel), x @ kernel.value)
+            self.assertAllClose(
+                keras.ops.einsum("ab,bc->ac", x, kernel), x @ kernel.value
+            )
+            self.assertAllClose(keras.ops.take(table, ids, axis=0), table[ids])
+            self.assertAllClose(
+                keras.ops.take_along_axis(table, ids, axis=0),
+                torch.take_along_dim(table, ids, dim=0),
+            )
+            self.assertAllClose(keras.ops.argmax(x, axis=-1), x.argmax(-1))
+            attended = keras.ops.dot_product_attention(q, q, q)
+            expected = torch.nn.functional.scaled_dot_product_attention(
+                *(q.transpose(1, 2),) * 3
+            ).transpose(1, 2)
+            self.assertAllClose(attended, expected, atol=1e-6)
+
+    def test_a_variable_holding_a_dtensor_is_not_plain(self):
+        for result in run_on_processes(2, variables_holding_dtensors):
+            self.assertEqual(result, (False, True, True, True))

@@ -141,12 +141,17 @@ def gathering_over(axis):
 
 def stand_in(variable):
     """What `variable` reads as in this thread instead of its value (its
-    local replica, or its value gathered over the batch axis), or None."""
+    local replica, or its value gathered over the batch axis), or None.
+    Only a DTensor value has a stand-in (a plain value is its own local
+    replica): every other read returns at the first test, which keeps a
+    variable's reads on one process as cheap as upstream's."""
+    if not isinstance(variable._value, DTensor):
+        return None
     replica = replica_of(variable)
     if replica is not None:
         return replica
     axis = getattr(_local, "gather_axis", None)
-    if axis is None or not isinstance(variable._value, DTensor):
+    if axis is None:
         return None
     gathered = _local.gathered
     key = id(variable)

@@ -10,6 +10,9 @@ Upstream:
 - `argmax` and `argmin` gather a split dim they reduce first
   (`dtensor_ops.whole_along`): an accuracy metric on logits whose
   vocabulary is split.
+
+Where no operand is or holds a DTensor (and, for contractions, no local
+step replays their collectives), each runs upstream's code untouched.
 """
 
 from keras.src.backend.torch.distribution import backend_core
@@ -20,6 +23,8 @@ from keras.src.backend.torch.keras_edits import edit
 def _sharded_lookup(upstream):
     def lookup(x, indices, axis=None):
         """Stands for `take` and `take_along_axis`."""
+        if not dtensor_ops.any_dtensor((x, indices)):
+            return upstream(x, indices, axis=axis)
         x = backend_core.convert_to_tensor(x)
         indices = backend_core.convert_to_tensor(indices)
         return dtensor_ops.sharded_lookup(upstream, x, indices, axis=axis)
@@ -30,6 +35,8 @@ def _sharded_lookup(upstream):
 def _megatron_matmul(upstream):
     def matmul(x1, x2):
         """Stands for `matmul`."""
+        if dtensor_ops.plain_contraction((x1, x2)):
+            return upstream(x1, x2)
         x1 = backend_core.convert_to_tensor(x1)
         x2 = backend_core.convert_to_tensor(x2)
         return dtensor_ops.megatron_contraction(upstream, x1, x2)
@@ -40,6 +47,8 @@ def _megatron_matmul(upstream):
 def _megatron_einsum(upstream):
     def einsum(subscripts, *operands, **kwargs):
         """Stands for `einsum`."""
+        if dtensor_ops.plain_contraction(operands):
+            return upstream(subscripts, *operands, **kwargs)
 
         def contract(*tensors):
             return upstream(subscripts, *tensors, **kwargs)
@@ -53,6 +62,8 @@ def _megatron_einsum(upstream):
 def _whole_along_axis(upstream):
     def arg_reduction(x, axis=None, keepdims=False):
         """Stands for `argmax` and `argmin`."""
+        if not dtensor_ops.any_dtensor((x,)):
+            return upstream(x, axis=axis, keepdims=keepdims)
         x = dtensor_ops.whole_along(backend_core.convert_to_tensor(x), axis)
         return upstream(x, axis=axis, keepdims=keepdims)
 

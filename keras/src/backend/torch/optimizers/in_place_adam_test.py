@@ -240,3 +240,38 @@ class InPlaceAdamTest(testing.TestCase):
         self.assertEqual(len(out_of_place(keras_own)), 5)
         self.assertEqual(len(ours), 8)
         self.assertEqual(len(keras_own), 10)
+
+    @parameterized.named_parameters(
+        ("host_scalar", True, {}),
+        ("amsgrad_tensor_rate", False, {"amsgrad": True}),
+    )
+    def test_groups_of_variables_bitwise_equal(self, host, options):
+        # 140, 20 and 96 bytes in groups of at least 100: [v0], [v1, v2].
+        self.assertEqual(
+            in_place_adam.groups(
+                [torch.ones(shape) for shape in SHAPES], group_bytes=100
+            ),
+            [[0], [1, 2]],
+        )
+        group_bytes = in_place_adam.GROUP_BYTES
+        upstream_host_scalar = in_place_adam.host_scalar
+        in_place_adam.GROUP_BYTES = 100
+        if not host:
+            in_place_adam.host_scalar = lambda tensor: None
+        try:
+            ours = train(keras.optimizers.Adam, **options)
+            variables = [keras.Variable(np.ones(shape)) for shape in SHAPES]
+            optimizer = keras.optimizers.Adam(**options)
+            optimizer.build(variables)
+            grads = [torch.ones(shape) for shape in SHAPES]
+            with torch.no_grad(), Recorder() as recorder:
+                optimizer._parallel_update_step(grads, variables, 0.1)
+        finally:
+            in_place_adam.GROUP_BYTES = group_bytes
+            in_place_adam.host_scalar = upstream_host_scalar
+        keras_own = train(upstream_class(keras.optimizers.Adam), **options)
+        for a, b in zip(ours, keras_own):
+            self.assertTrue(torch.equal(a, b))
+        passes = 8 if host else 11  # Amsgrad's maximum, the rate's 3 passes.
+        foreach = [c for c in recorder.calls if c.startswith("_foreach")]
+        self.assertEqual(len(foreach), 2 * passes)
