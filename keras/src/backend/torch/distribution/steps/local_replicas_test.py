@@ -1,6 +1,8 @@
 """Data-parallel steps on local replicas: the route each model takes, the
 numbers it gives, and the collectives it costs."""
 
+import sys
+import types
 import warnings
 
 import numpy as np
@@ -58,6 +60,25 @@ def route_and_numbers(model_name, jit_compile=False, evaluate_first=False):
         jit_compile=jit_compile,
         evaluate_first=evaluate_first,
     )
+
+
+def graphs_compiled_after_an_import():
+    """Graphs compiled by a second `fit` of the compiled MLP, after a module
+    was added to `sys.modules` between the two."""
+    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    model = models.MODELS["mlp"][0]()
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
+    x, y = models.data("mlp", samples=32)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    sys.modules["_an_import_between_fits"] = types.ModuleType("imported")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    keras.distribution.set_distribution(None)
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
 
 
 def single_process(model_name, evaluate_first=False):
@@ -245,6 +266,12 @@ class LocalReplicasTest(testing.TestCase):
             self.assertEqual(verdict, "local")
             self.assertTrue(compiled)
             self.assertAllClose(loss, expected_loss, rtol=1e-5)
+
+    def test_jit_compile_keeps_its_graph_across_imports(self):
+        # torch.compile guards a lookup in `sys.modules` on its size.
+        self.assertEqual(
+            run_on_processes(2, graphs_compiled_after_an_import), [0, 0]
+        )
 
     def test_jit_compile_on_dtensors_runs_eagerly(self):
         expected_loss, _, _ = single_process("transformer")
