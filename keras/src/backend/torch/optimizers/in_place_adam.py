@@ -134,7 +134,7 @@ def update(optimizer, grads, keras_variables, learning_rate):
     blocks = not isinstance(tensor_lists[0][0], DTensor)
     if step_size is None and isinstance(alpha, DTensor) and blocks:
         alpha = alpha.to_local()  # Replicated: the whole value, with blocks.
-    for group in groups(tensor_lists[0]):
+    for group in groups(tensor_lists[0], GROUP_BYTES):
         _update_group(
             optimizer,
             [[tensors[i] for i in group] for tensors in tensor_lists],
@@ -143,10 +143,9 @@ def update(optimizer, grads, keras_variables, learning_rate):
         )
 
 
-def groups(tensors, group_bytes=None):
+def groups(tensors, group_bytes):
     """The indices of `tensors`, in order, cut into runs of at least
-    `group_bytes` (default `GROUP_BYTES`; the last run may hold fewer)."""
-    group_bytes = GROUP_BYTES if group_bytes is None else group_bytes
+    `group_bytes` (the last run may hold fewer)."""
     runs, current, size = [], [], 0
     for index, tensor in enumerate(tensors):
         current.append(index)
