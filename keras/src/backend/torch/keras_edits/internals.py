@@ -314,6 +314,16 @@ KERAS_USED = (
         "keras.src.optimizers.base_optimizer",
         "BaseOptimizer._get_variable_index",
     ),
+    # A loss on each rank's rows (`steps/row_loss.py`): the step methods it
+    # replaces on a model instance or calls, defined in these modules, and
+    # the loss wrapper whose function it reads. The functions it names in
+    # `row_loss.PER_SAMPLE` are checked by `internals_test`.
+    *(
+        ("keras.src.trainers.trainer", f"{cls}.{method}", series)
+        for series, cls in (("3.15", "Trainer"), ("3.16", "BaseTrainer"))
+        for method in ("_compute_loss", "compute_loss", "compute_metrics")
+    ),
+    ("keras.src.losses.losses", "LossFunctionWrapper"),
 )
 
 # Checkpoints: the walk over what a save writes (the order and names of a
@@ -345,6 +355,12 @@ ADAM_ATTRIBUTES = (
     "epsilon",
     "amsgrad",
 )
+# Read by `steps/row_loss.py`: a compiled model's loss, metrics and loss
+# tracker (the tracker is replaced on the instance during a step), the
+# built compiled loss's flat losses, and a loss wrapper's function.
+TRAINER_ATTRIBUTES = ("_compile_loss", "_compile_metrics", "_loss_tracker")
+COMPILE_LOSS_ATTRIBUTES = ("_flat_losses",)
+LOSS_WRAPPER_ATTRIBUTES = ("fn", "_fn_kwargs", "reduction")
 # What a torch parallel style takes and gives (a wrapped module's inputs
 # and outputs are laid out to match; `torch_modules/local_styles.py` tells
 # the default styles apart by them):

@@ -2,11 +2,15 @@ import importlib
 import importlib.metadata
 import importlib.util
 
+import numpy as np
 import torch
 
+import keras
 from keras.src import testing
+from keras.src.losses import losses
 from keras.src.backend.torch import distribution_graft
 from keras.src.backend.torch import keras_edits
+from keras.src.backend.torch.distribution.steps import row_loss
 from keras.src.backend.torch.keras_edits import internals
 
 
@@ -33,7 +37,6 @@ class InternalsTest(testing.TestCase):
             internals.resolve(module_name, attribute)
 
     def test_instance_attributes_exist(self):
-        import keras
         from keras.src.saving.saving_lib import H5IOStore
 
         directory = self.get_temp_dir()
@@ -58,6 +61,23 @@ class InternalsTest(testing.TestCase):
         optimizer.build([keras.Variable([1.0])])
         for attribute in internals.ADAM_ATTRIBUTES:
             self.assertTrue(hasattr(optimizer, attribute), attribute)
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(loss="mse")
+        model.compute_loss(y=np.zeros((1, 1)), y_pred=np.zeros((1, 1)))
+        for attribute in internals.TRAINER_ATTRIBUTES:
+            self.assertTrue(hasattr(model, attribute), attribute)
+        for attribute in internals.COMPILE_LOSS_ATTRIBUTES:
+            self.assertTrue(hasattr(model._compile_loss, attribute), attribute)
+        ((_, loss, _, _),) = model._compile_loss._flat_losses
+        for attribute in internals.LOSS_WRAPPER_ATTRIBUTES:
+            self.assertTrue(hasattr(loss, attribute), attribute)
+        self.assertEqual(loss.fn.__module__, row_loss.LOSSES_MODULE)
+        for name in row_loss.PER_SAMPLE:
+            function = getattr(losses, name)
+            self.assertEqual(function.__module__, row_loss.LOSSES_MODULE)
+        for method in row_loss.KERAS_STEP_METHODS:
+            module = getattr(type(model), method).__module__
+            self.assertIn(module, row_loss.KERAS_TRAINER_MODULES)
         from torch.distributed.tensor.parallel import ColwiseParallel
         from torch.distributed.tensor.parallel import RowwiseParallel
 

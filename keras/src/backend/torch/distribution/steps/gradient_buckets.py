@@ -15,7 +15,10 @@ all-reduce it three times, all after backward ends. Two remedies:
   accumulated, while backward goes on; at the end of backward every bucket
   is waited for and each gradient becomes its view of the reduced bucket.
   Buckets launch strictly in order, so every rank issues the same
-  collectives in the same order whatever order its hooks fire in.
+  collectives in the same order whatever order its hooks fire in. A
+  scalar handed to `carry` before backward rides in the last bucket: its
+  sum over ranks costs no collective of its own (`row_loss` sends the
+  step's loss this way).
 - `reduce_on_accumulation`, for DTensor weights, lays each gradient out
   like its weight when backward ends, in a fixed order: one reduction per
   weight.
@@ -63,12 +66,26 @@ class GradientBuckets:
             for w in weights
         ]
         self._reset()
+        self.carrying = self.summed = None
 
     def remove(self):
         """Detaches the hooks: gradients stay local."""
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+    def carry(self, value):
+        """Sums scalar tensor `value` over the group with this step's last
+        bucket; `carried()` gives the sum once backward has ended."""
+        self.carrying = value.detach().reshape(1).clone()
+
+    def carried(self):
+        """The sum of the value given to `carry`, all-reduced on its own
+        if no backward sent it (a step with no gradient)."""
+        if self.carrying is not None:
+            dist.all_reduce(self.carrying, group=self.group)
+            self.summed, self.carrying = self.carrying, None
+        return self.summed[0]
 
     def start_step(self):
         """Turns the hooks on for a step. A step whose backward was cut
@@ -80,6 +97,7 @@ class GradientBuckets:
             if work is not None:
                 work.wait()
         self._reset()
+        self.carrying = self.summed = None
         self.enabled = True
 
     def _reset(self):
@@ -109,18 +127,28 @@ class GradientBuckets:
         3 ms for a small bucket on a busy 2-core CPU host, measured)."""
         last = index == len(self.buckets) - 1
         weights = [w for w in self.buckets[index] if w.grad is not None]
-        if not weights:
+        carried = self.carrying if last else None
+        if carried is not None and weights:
+            if weights[0].grad.dtype != carried.dtype:
+                carried = None  # Sent on its own by `carried()`.
+        if not weights and carried is None:
             self.launched.append((None, None, weights))
             return
-        size = sum(w.grad.numel() for w in weights)
-        first = weights[0].grad
+        pieces = [w.grad.reshape(-1) for w in weights]
+        if carried is not None:
+            pieces.append(carried)
+            self.carrying = None
+        size = sum(piece.numel() for piece in pieces)
         flat = self.buffers[index]
         if flat is None or flat.numel() != size:
+            first = pieces[0]
             flat = torch.empty(size, dtype=first.dtype, device=first.device)
             self.buffers[index] = flat  # Kept: no allocation per step.
-        torch.cat([w.grad.reshape(-1) for w in weights], out=flat)
+        torch.cat(pieces, out=flat)
         work = dist.all_reduce(flat, group=self.group, async_op=not last)
         self.launched.append((work, flat, weights))
+        if carried is not None:
+            self.summed = flat[-1:]
 
     def _finish(self):
         for index in range(len(self.launched), len(self.buckets)):

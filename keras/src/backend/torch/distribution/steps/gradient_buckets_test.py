@@ -114,7 +114,39 @@ def a_step_after_an_aborted_backward():
     return aborted, launched_before, expected, summed
 
 
+def carried_value(backward):
+    """Rank + 1 carried through a step of 16-byte buckets, with or without
+    a backward: its sum, the collectives the step issued, and the bucketed
+    sums next to per-tensor all-reduces of the same gradients."""
+    model = _model()
+    expected = _summed_one_by_one(model) if backward else {}
+    buckets = gradient_buckets.GradientBuckets(
+        list(model.parameters()), dist.group.WORLD, 16, 16
+    )
+    buckets.start_step()
+    buckets.carry(torch.tensor(float(dist.get_rank() + 1)))
+    with CommDebugMode() as comm:
+        summed = _local_gradients(model) if backward else {}
+        carried = float(buckets.carried())
+    return carried, comm.get_total_counts(), expected, summed
+
+
 class GradientBucketsTest(testing.TestCase):
+    def test_a_carried_value_rides_in_the_last_bucket(self):
+        for carried, collectives, expected, summed in run_on_processes(
+            2, carried_value, True
+        ):
+            self.assertEqual(carried, 3.0)  # 1 + 2
+            self.assertEqual(collectives, 3)  # The 3 buckets, no other.
+            for name in expected:
+                self.assertAllClose(summed[name], expected[name])
+        # With no gradient, the value is summed on its own.
+        for carried, collectives, _, _ in run_on_processes(
+            2, carried_value, False
+        ):
+            self.assertEqual(carried, 3.0)
+            self.assertEqual(collectives, 1)
+
     def test_a_step_after_an_aborted_backward_starts_clean(self):
         for aborted, launched, expected, summed in run_on_processes(
             2, a_step_after_an_aborted_backward

@@ -15,7 +15,11 @@ metrics mix samples of different ranks. So a data-parallel step runs:
   device, whatever the loss reduction, sample weights or metric. Outputs
   too large to gather (more than `forward.GATHER_BYTES`, such as a language
   model's logits) come back instead as DTensors sharded over the batch,
-  and DTensor computes the loss from the shards;
+  and DTensor computes the loss from the shards. A model compiled without
+  metrics, whose loss is one of Keras's per-sample losses averaged over
+  the batch, gathers nothing in a training step: its loss runs on this
+  rank's rows and its value rides in the gradient all-reduce
+  (`row_loss`);
 - the gradient all-reduce bucketed and overlapped with backward
   (`gradient_buckets`): each rank's gradient of the global loss holds its
   own rows' terms, and their sum is the single-device gradient;
@@ -45,6 +49,7 @@ from keras.src.backend.torch import distribution_lib
 from keras.src.backend.torch.distribution import variables
 from keras.src.backend.torch.distribution.steps import forward
 from keras.src.backend.torch.distribution.steps import gradient_buckets
+from keras.src.backend.torch.distribution.steps import row_loss
 from keras.src.distribution import DataParallel
 
 # Why a model's steps keep the exact route after its first step of a kind.
@@ -96,6 +101,7 @@ class LocalReplicas:
         # One rank per batch block: no gradient to sum (model parallelism).
         self.sums_gradients = mesh.size(self._batch_dim()) > 1
         self.verdicts = previous.verdicts if previous else {}
+        self.loss_on_rows = None  # A training step's `row_loss.RowLoss`.
 
     def local_value(self, variable):
         """What `variable` reads as in a local step."""
@@ -119,18 +125,25 @@ class LocalReplicas:
     @contextlib.contextmanager
     def active(self, kind):
         """Variables read as local replicas; the model runs on this rank's
-        rows and returns global outputs."""
+        rows and returns global outputs (this rank's in a training step
+        whose loss runs on rows)."""
         for replica in self.replicas.values():
             replica.grad = None
         self.model.__dict__["call"] = self._local_call
         if self.sums_gradients:
             self.buckets.start_step()
+            if kind == "train" and row_loss.separable(self.model):
+                self.loss_on_rows = row_loss.RowLoss(self.model, self.buckets)
+                self.loss_on_rows.install()
         try:
             with variables.reading_replicas(self.replicas):
                 yield
         finally:
             self.buckets.enabled = False
             self.model.__dict__.pop("call", None)
+            if self.loss_on_rows is not None:
+                self.loss_on_rows.uninstall()
+                self.loss_on_rows = None
 
     def _local_call(self, *args, **kwargs):
         tensors = [
@@ -167,9 +180,15 @@ class LocalReplicas:
         gather = (
             forward.global_bytes(outputs, global_rows) <= forward.GATHER_BYTES
         )
-        return tree.map_structure(
-            self._gathered if gather else self._batch_sharded, outputs
-        )
+        to_global = self._gathered if gather else self._batch_sharded
+        if self.loss_on_rows is not None and row_loss.accepts(
+            outputs, self.rows
+        ):
+            self._check_rows(outputs)
+            rows = (size, offset, global_rows)
+            self.loss_on_rows.hold(outputs, rows, to_global)
+            return outputs
+        return tree.map_structure(to_global, outputs)
 
     def _forward(self, *args, **kwargs):
         return forward.forward_of(self.model, self.state)(*args, **kwargs)

@@ -6,7 +6,8 @@ through `distributed_step`, on one of three routes:
     step(data) ──> global batches (a split loader's blocks put together)
         │
         ├─ DataParallel, model replicated ─> local_replicas: plain tensors,
-        │     this rank's rows, outputs gathered, DDP's gradient buckets
+        │     this rank's rows, outputs gathered (or the loss on rows,
+        │     row_loss), DDP's gradient buckets
         │
         ├─ ModelParallel, no weight split ─> local_shards: the same, each
         │  over the batch axis                variable read as its block,
@@ -21,9 +22,10 @@ through `distributed_step`, on one of three routes:
               end, outputs replicated over the batch axis, gradients laid
               out like their weights when backward ends
 
-Either way Keras's own loss and metrics run on global outputs and targets,
-so logs and predictions are global values, equal on every rank. After a
-model's first step the layout report runs once (`diagnostics`).
+Either way Keras's own loss and metrics run on global outputs and targets
+(or, for a loss on rows, on each rank's rows, summed), so logs and
+predictions are global values, equal on every rank. After a model's first
+step the layout report runs once (`diagnostics`).
 
 Everything a distribution keeps per model lives in one `StepState`, in
 the model's `__dict__` (out of Keras's attribute tracking).
