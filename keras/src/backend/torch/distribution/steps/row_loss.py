@@ -138,7 +138,7 @@ class RowLoss:
         self.buckets = buckets
         self.local = None  # This rank's output, as the step has it.
         self.rows = None  # (size, offset, global rows)
-        self.gather = None  # The global output, differentiable.
+        self.gather = None  # Gives the global output, differentiable.
         self.tracker = None  # Keras's loss tracker while its update waits.
         self.update = None  # The held update's keyword arguments.
 
@@ -209,7 +209,8 @@ class RowLoss:
     def _compute_metrics(self, x, y, y_pred, sample_weight=None):
         if self.tracker is not None:
             self.model.__dict__["_loss_tracker"] = self.tracker
-            self.tracker.update_state(self.buckets.carried(), **self.update)
+            held = self.update or {}
+            self.tracker.update_state(self.buckets.carried(), **held)
             self.tracker = None
         return type(self.model).compute_metrics(
             self.model, x, y, y_pred, sample_weight=sample_weight
