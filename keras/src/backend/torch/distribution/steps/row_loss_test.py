@@ -55,7 +55,8 @@ def fit_numbers(loss, data_parallel, weighted=False, metrics=None):
 
 
 def _separable_after_a_step(model, y_pred_dim=4, y=None):
-    """`separable(model)` once its compiled loss is built (by a loss)."""
+    """`separable(model)` once a loss computation has built its compiled
+    loss."""
     x, labels = models.data("mlp", samples=8)
     y = labels if y is None else y
     model.compute_loss(x=x, y=y, y_pred=model(x)[:, :y_pred_dim])
