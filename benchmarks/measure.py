@@ -234,6 +234,11 @@ class KerasRunner:
 
 # Configurations.
 
+# Cases also run with `jit_compile=True`: distributed, and on one process
+# at the global batch (Keras then compiles its whole step).
+COMPILED_CASES = ("dp_mlp", "dp_transformer", "mp_blocks")
+SINGLE_COMPILED_CASES = ("dp_mlp", "dp_transformer")
+
 
 def configurations(mode, processes):
     """`(side, case, batch, shrink, compile)` of every run of `mode`."""
@@ -255,10 +260,12 @@ def configurations(mode, processes):
             for side in ("torch", "keras"):
                 runs.append((side, case, batch, 1, False))
                 runs.append((side, case) + share + (False,))
+            if case in SINGLE_COMPILED_CASES:
+                runs.append(("keras", case, batch, 1, True))
         else:
             runs.append(("torch", case, batch, 1, False))
             runs.append(("keras", case, batch, 1, False))
-            if case in ("dp_mlp", "mp_blocks"):  # Compiled too.
+            if case in COMPILED_CASES:
                 runs.append(("keras", case, batch, 1, True))
     return runs
 

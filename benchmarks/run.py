@@ -23,6 +23,9 @@ last line one JSON object of ratios, each between two numbers of this run:
 - `single_*_step_ratio_vs_torch`: Keras's own training step on one
   process over plain PyTorch's, same model, batch and optimizer (the MLP
   with Adam and with AdamW, both transformers with Adam).
+- `*_compiled_*`: the same with `jit_compile=True` (plain PyTorch stays
+  eager). On one process Keras compiles its whole step; distributed, the
+  model's forward pass (`docs/performance.md`).
 - `data_check_ratio_vs_short_fit`: the check that every rank passed the
   same arrays, against a short `fit` (`data_check.py`).
 
@@ -182,9 +185,15 @@ def compare(results, processes):
         keras_step = _whole_batch(results, "keras", case)["step_ms"]
         torch_step = _whole_batch(results, "torch", case)["step_ms"]
         summary[f"single_{name}_step_ratio_vs_torch"] = keras_step / torch_step
+        if case in ("dp_mlp", "dp_transformer"):
+            compiled = _whole_batch(results, "keras", case, compile=True)
+            summary[f"single_{name}_compiled_step_ratio_vs_torch"] = (
+                compiled["step_ms"] / torch_step
+            )
 
     for prefix, case, baseline in (
         ("dp", "dp_mlp", "ddp"),
+        ("dp_transformer", "dp_transformer", "ddp"),
         ("mp", "mp_blocks", "tp"),
     ):
         compiled = find(
@@ -203,13 +212,13 @@ def compare(results, processes):
     return summary
 
 
-def _whole_batch(results, side, case):
+def _whole_batch(results, side, case, compile=False):
     """The single-process run of `case`'s whole model and global batch."""
     runs = [
         r
         for r in results
-        if (r["mode"], r["side"], r["case"], r["shrink"])
-        == ("single", side, case, 1)
+        if (r["mode"], r["side"], r["case"], r["shrink"], r["compile"])
+        == ("single", side, case, 1, compile)
     ]
     return max(runs, key=lambda r: r["batch"])
 

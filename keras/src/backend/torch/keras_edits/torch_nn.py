@@ -8,7 +8,19 @@ argument, and Keras 3.16 computes on local blocks. A
 rank whose block of the batch is empty runs a kernel that takes it
 (`dtensor_ops.attention_kernels_for`). Plain, non-empty tensors go
 straight to upstream's code.
+
+On Keras 3.15, `_can_use_flash_attention` answers False while torch.compile
+traces, without building torch's `SDPAParams`: Dynamo cannot trace that
+object, so every attention layer broke a compiled forward pass into pieces
+(the benchmarks' small transformer: 22 graphs, and 1.3 times slower than
+eager on local replicas). For CPU tensors the answer was False anyway
+(flash attention is a CUDA kernel); on a GPU, False lets
+`scaled_dot_product_attention` choose its kernel itself. An explicit
+`flash_attention=True` still runs the check. Keras 3.16 skips the check
+the same way, so there is nothing to edit there.
 """
+
+import torch
 
 from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import dtensor_ops
@@ -38,5 +50,19 @@ def _dot_product_attention(upstream):
     return dot_product_attention
 
 
+def _no_probe_while_compiling(upstream):
+    def can_use_flash_attention(
+        query, key, value, mask=None, is_causal=False, raise_error=False
+    ):
+        """Stands for `_can_use_flash_attention` (Keras 3.15)."""
+        if torch.compiler.is_compiling() and not raise_error:
+            return False
+        return upstream(query, key, value, mask, is_causal, raise_error)
+
+    return can_use_flash_attention
+
+
 def apply(nn_module):
     edit(nn_module, "dot_product_attention", _dot_product_attention)
+    if nn_module.__name__ == "keras.src.backend.torch.nn":  # Keras 3.15
+        edit(nn_module, "_can_use_flash_attention", _no_probe_while_compiling)

@@ -39,18 +39,29 @@ def _fit(
     x, y = models.data(model_name, samples=samples)
     if evaluate_first:  # A probe of inference steps says nothing of
         model.evaluate(x, y, batch_size=8, verbose=0)  # training steps.
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    graphs, breaks = _compile_counts()
     history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    graphs, breaks = np.subtract(_compile_counts(), (graphs, breaks))
     state = route.state_of(model)
     replicas = state.replicas
     verdict = replicas.verdicts.get("train") if replicas else None
     predictions = model.predict(x, batch_size=8, verbose=0)
     keras.distribution.set_distribution(None)
-    if jit_compile:  # Whether the forward that ran was compiled.
+    if jit_compile:  # Whether the forward that ran was compiled, whole.
         compiled = state.compiled_forward is not None and graphs > 0
-        return history.history["loss"], predictions, verdict, compiled
+        whole = bool(compiled and breaks == 0)
+        return history.history["loss"], predictions, verdict, whole
     return history.history["loss"], predictions, verdict
+
+
+def _compile_counts():
+    """The graphs torch.compile has made in this process, and the graph
+    breaks it has met."""
+    counters = torch._dynamo.utils.counters
+    return (
+        counters["stats"]["unique_graphs"],
+        sum(counters["graph_break"].values()),
+    )
 
 
 def route_and_numbers(model_name, jit_compile=False, evaluate_first=False):
@@ -259,13 +270,15 @@ class LocalReplicasTest(testing.TestCase):
             self.assertAllClose(loss, expected, rtol=1e-5)
 
     def test_jit_compile_compiles_the_local_forward_with_single_numbers(self):
-        expected_loss, _, _ = single_process("mlp")
-        for loss, _, verdict, compiled in run_on_processes(
-            2, route_and_numbers, "mlp", True
-        ):
-            self.assertEqual(verdict, "local")
-            self.assertTrue(compiled)
-            self.assertAllClose(loss, expected_loss, rtol=1e-5)
+        # Whole: the transformer's attention once broke it into pieces.
+        for model_name in ("mlp", "transformer"):
+            expected_loss, _, _ = single_process(model_name)
+            for loss, _, verdict, whole in run_on_processes(
+                2, route_and_numbers, model_name, True
+            ):
+                self.assertEqual(verdict, "local")
+                self.assertTrue(whole, model_name)
+                self.assertAllClose(loss, expected_loss, rtol=1e-5)
 
     def test_jit_compile_keeps_its_graph_across_imports(self):
         # torch.compile guards a lookup in `sys.modules` on its size.
