@@ -185,8 +185,8 @@ def compare(results, processes):
         keras_step = _whole_batch(results, "keras", case)["step_ms"]
         torch_step = _whole_batch(results, "torch", case)["step_ms"]
         summary[f"single_{name}_step_ratio_vs_torch"] = keras_step / torch_step
-        if case in ("dp_mlp", "dp_transformer"):
-            compiled = _whole_batch(results, "keras", case, compile=True)
+        compiled = _whole_batch(results, "keras", case, compile=True)
+        if compiled is not None:  # `measure.SINGLE_COMPILED_CASES`
             summary[f"single_{name}_compiled_step_ratio_vs_torch"] = (
                 compiled["step_ms"] / torch_step
             )
@@ -213,14 +213,15 @@ def compare(results, processes):
 
 
 def _whole_batch(results, side, case, compile=False):
-    """The single-process run of `case`'s whole model and global batch."""
+    """The single-process run of `case`'s whole model and global batch, or
+    None when there is none."""
     runs = [
         r
         for r in results
         if (r["mode"], r["side"], r["case"], r["shrink"], r["compile"])
         == ("single", side, case, 1, compile)
     ]
-    return max(runs, key=lambda r: r["batch"])
+    return max(runs, key=lambda r: r["batch"], default=None)
 
 
 def _eager(results, found):

@@ -25,6 +25,7 @@ import torch
 from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import dtensor_ops
 from keras.src.backend.torch.keras_edits import edit
+from keras.src.backend.torch.keras_edits import internals
 
 
 def _dot_product_attention(upstream):
@@ -64,5 +65,5 @@ def _no_probe_while_compiling(upstream):
 
 def apply(nn_module):
     edit(nn_module, "dot_product_attention", _dot_product_attention)
-    if nn_module.__name__ == "keras.src.backend.torch.nn":  # Keras 3.15
+    if nn_module.__name__ == internals.NN["3.15"]:
         edit(nn_module, "_can_use_flash_attention", _no_probe_while_compiling)
