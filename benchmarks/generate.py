@@ -11,10 +11,10 @@ line: tokens per second for each, and each one's ratio to one process.
 """
 
 import json
-import os
-import subprocess
 import sys
 import time
+
+import launches  # This directory.
 
 PROMPTS, NEW_TOKENS, LENGTH = 8, 32, 48
 
@@ -69,24 +69,11 @@ def measure(distribution_name):
 
 
 def launch(distribution_name, processes):
-    environ = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
-    command = [sys.executable]
-    if processes > 1:
-        command += ["-m", "torch.distributed.run"]
-        command += ["--nproc_per_node", str(processes)]
-    command += [__file__, distribution_name]
-    completed = subprocess.run(
-        command, env=environ, capture_output=True, text=True
+    stdout = launches.run_script(
+        __file__, [distribution_name], processes, what=distribution_name
     )
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout + completed.stderr)
-        raise SystemExit(f"{distribution_name} failed")
-    (line,) = [
-        line
-        for line in completed.stdout.splitlines()
-        if line.startswith("GENERATE ")
-    ]
-    return json.loads(line[len("GENERATE ") :])[distribution_name]
+    (rates,) = launches.tagged(stdout, "GENERATE")
+    return rates[distribution_name]
 
 
 def main():

@@ -16,9 +16,10 @@ of milliseconds per training step and the ratios Keras's / ours:
 
 import json
 import os
-import subprocess
 import sys
 import time
+
+import launches  # This directory.
 
 STEPS, ROUNDS = 10, 3
 
@@ -92,20 +93,16 @@ def measure(case):
 
 
 def launch(case, mode):
-    environ = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
-    environ.pop("KERAS_TORCH_DISTRIBUTION", None)
-    if mode == "builtin":
-        environ["KERAS_TORCH_DISTRIBUTION"] = "builtin"
-    command = [sys.executable, "-m", "torch.distributed.run"]
-    command += ["--nproc_per_node", "2", __file__, case]
-    completed = subprocess.run(
-        command, env=environ, capture_output=True, text=True
+    builtin = "builtin" if mode == "builtin" else None
+    stdout = launches.run_script(
+        __file__,
+        [case],
+        processes=2,
+        what=f"{case} {mode}",
+        env={"KERAS_TORCH_DISTRIBUTION": builtin},
     )
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout[-3000:] + completed.stderr[-3000:])
-        raise SystemExit(f"{case} {mode} failed")
-    (line,) = [l for l in completed.stdout.splitlines() if l.startswith("STEP ")]
-    return json.loads(line[len("STEP ") :])
+    (step,) = launches.tagged(stdout, "STEP")
+    return step
 
 
 def main():

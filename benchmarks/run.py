@@ -36,8 +36,8 @@ machine's 2 cores, 2 ranks get one core each, and so does the baseline.
 import argparse
 import json
 import os
-import subprocess
-import sys
+
+import launches  # This directory.
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -45,51 +45,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def launch(mode, processes, rounds, steps):
     script = os.path.join(HERE, "measure.py")
     options = ["--rounds", str(rounds), "--steps", str(steps)]
-    if mode == "single":
-        command = [sys.executable, script, "single"]
-        options += ["--processes", str(processes)]
+    if mode == "single":  # One process, measuring one rank's share too.
+        args, launched = ["single", "--processes", str(processes)], 1
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(processes),
-            script,
-            "distributed",
-        ]
-    environ = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
-    completed = subprocess.run(
-        command + options, env=environ, capture_output=True, text=True
+        args, launched = ["distributed"], processes
+    stdout = launches.run_script(
+        script, args + options, launched, what=f"{mode} measurements"
     )
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout + completed.stderr)
-        raise SystemExit(f"{mode} measurements failed")
-    return [
-        json.loads(line[len("RESULT ") :])
-        for line in completed.stdout.splitlines()
-        if line.startswith("RESULT ")
-    ]
+    return launches.tagged(stdout, "RESULT")
 
 
 def data_check(processes):
     """`{"data_check_ms", "short_fit_ms"}` from `data_check.py`."""
-    command = [sys.executable, "-m", "torch.distributed.run"]
-    command += ["--nproc_per_node", str(processes)]
-    command += [os.path.join(HERE, "data_check.py")]
-    environ = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
-    completed = subprocess.run(
-        command, env=environ, capture_output=True, text=True
+    script = os.path.join(HERE, "data_check.py")
+    stdout = launches.run_script(
+        script, processes=processes, what="data check measurement"
     )
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout + completed.stderr)
-        raise SystemExit("data check measurement failed")
-    (line,) = [
-        line
-        for line in completed.stdout.splitlines()
-        if line.startswith("DATACHECK ")
-    ]
-    return json.loads(line[len("DATACHECK ") :])
+    (result,) = launches.tagged(stdout, "DATACHECK")
+    return result
 
 
 def find(results, **config):

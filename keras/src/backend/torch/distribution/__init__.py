@@ -19,6 +19,9 @@ module's counterpart (devices, `initialize`, `distribute_tensor`,
                           parallelism runs
       gradient_buckets.py DDP's bucketed all-reduce; DTensor relayout
       dtensor_route.py    everything else: DTensors end to end
+      direct_calls.py     layers called outside a step without gradients
+                          (KerasHub's generation, `model(x)`): on local
+                          values under DataParallel
     data/               every input Keras takes, split across processes
     saving/             files written once; sharded checkpoints
     torch_modules/      PyTorch modules laid out by a LayoutMap

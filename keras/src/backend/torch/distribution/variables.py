@@ -10,6 +10,9 @@
 - Inside a data-parallel step on local replicas (`steps.local_replicas`),
   a variable reads as, and assigns to, its local replica: a plain
   parameter sharing its replicated DTensor's storage (`reading_replicas`).
+- In a layer called outside a step without gradients under
+  `DataParallel` (`steps.direct_calls`), a replicated variable reads as
+  its local tensor (`reading_local_values`).
 - Inside the model's forward pass on the DTensor route, a variable split
   over the batch axis (FSDP's layout, or the `"batch"` entries of
   KerasHub's layout maps) reads as its value gathered over that axis
@@ -118,6 +121,18 @@ def replica_of(variable):
 
 
 @contextlib.contextmanager
+def reading_local_values():
+    """Inside, in this thread, a variable holding a replicated DTensor
+    reads, where no gradient is recorded, as its local tensor: its whole
+    value, sharing its storage. Assigning it still writes its DTensor."""
+    _local.local_values = True
+    try:
+        yield
+    finally:
+        _local.local_values = False
+
+
+@contextlib.contextmanager
 def gathering_over(axis):
     """Inside, in this thread, a variable split over mesh axis `axis` reads
     as its value gathered over that axis, gathered once inside.
@@ -141,7 +156,8 @@ def gathering_over(axis):
 
 def stand_in(variable):
     """What `variable` reads as in this thread instead of its value (its
-    local replica, or its value gathered over the batch axis), or None.
+    local replica or local tensor, or its value gathered over the batch
+    axis), or None.
     Only a DTensor value has a stand-in (a plain value is its own local
     replica): every other read returns at the first test, which keeps a
     variable's reads on one process as cheap as upstream's."""
@@ -150,6 +166,8 @@ def stand_in(variable):
     replica = replica_of(variable)
     if replica is not None:
         return replica
+    if getattr(_local, "local_values", False):
+        return _local_value(variable._value)
     axis = getattr(_local, "gather_axis", None)
     if axis is None:
         return None
@@ -159,6 +177,15 @@ def stand_in(variable):
         value = dtensor_ops.gathered_weight(variable._value, axis)
         gathered[key] = None if value is variable._value else value
     return gathered[key]
+
+
+def _local_value(value):
+    """A replicated DTensor's local tensor, read without gradients, or None."""
+    if torch.is_grad_enabled():
+        return None
+    if not all(p.is_replicate() for p in value.placements):
+        return None
+    return value._local_tensor
 
 
 def assign(variable, value):

@@ -161,6 +161,7 @@ KERAS_REPLACED = (
         "layer",
         None,
     ),
+    ("keras.src.layers.layer", "Layer.__call__", "layer", None),
     (
         "keras.src.callbacks.callback_list",
         "CallbackList._configure_async_dispatch",
@@ -273,6 +274,9 @@ KERAS_USED = (
     ("keras.src.backend.common.name_scope", "current_path"),
     ("keras.src.layers.layer", "Layer._flatten_layers"),
     ("keras.src.layers.layer", "Layer._track_variable"),
+    # Layer calls that keep DTensors (`steps/direct_calls.py`).
+    ("keras.src.backend.common.symbolic_scope", "in_symbolic_scope"),
+    ("keras.src.backend.common.stateless_scope", "in_stateless_scope"),
     ("keras.src.trainers.data_adapters.array_data_adapter", "ArrayDataAdapter"),
     (
         "keras.src.trainers.data_adapters.array_data_adapter",

@@ -1,5 +1,10 @@
 """Companion of `keras/src/layers/layer.py`.
 
+Upstream, `Layer.__call__` runs a call outside a step, recording no
+gradients, under `DataParallel`, on local tensors
+(`distribution/steps/direct_calls.py`): `model(x)` under `torch.no_grad()`
+then runs at one process's speed on every rank.
+
 Upstream, `Layer._assert_input_compatibility` checks nothing inside a
 model-parallel step on local shards (`distribution/steps/local_shards.py`):
 there a layer after a column-wise one sees this rank's block of its input
@@ -9,7 +14,20 @@ of the same kind, which the local steps repeat.
 """
 
 from keras.src.backend.torch.distribution import contraction_plan
+from keras.src.backend.torch.distribution.steps import direct_calls
 from keras.src.backend.torch.keras_edits import edit
+
+
+def _call(upstream):
+    def __call__(self, *args, **kwargs):
+        """Stands for `Layer.__call__`."""
+        scope = direct_calls.scope_for_call()
+        if scope is None:
+            return upstream(self, *args, **kwargs)
+        with scope:
+            return upstream(self, *args, **kwargs)
+
+    return __call__
 
 
 def _assert_input_compatibility(upstream):
@@ -22,6 +40,7 @@ def _assert_input_compatibility(upstream):
 
 
 def apply(layer_module):
+    edit(layer_module.Layer, "__call__", _call)
     edit(
         layer_module.Layer,
         "_assert_input_compatibility",

@@ -1,2 +1,3 @@
 """One step of `fit`, `evaluate` or `predict` under a distribution: the
-route it takes (`route`), and each route."""
+route it takes (`route`), and each route; and layers called outside a
+step (`direct_calls`)."""

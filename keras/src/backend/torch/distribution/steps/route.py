@@ -42,6 +42,7 @@ from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import dtensor_ops
 from keras.src.backend.torch.distribution.diagnostics import layout_report
 from keras.src.backend.torch.distribution.diagnostics import replica_check
+from keras.src.backend.torch.distribution.steps import direct_calls
 from keras.src.backend.torch.distribution.steps import dtensor_route
 from keras.src.backend.torch.distribution.steps import gradient_buckets
 from keras.src.backend.torch.distribution.steps import local_replicas
@@ -95,7 +96,7 @@ def distributed_step(step_function, model, kind):
         if distribution is None:
             return step_function(data)
         state = state_of(model)
-        with dtensor_ops.implicit_replication():
+        with dtensor_ops.implicit_replication(), direct_calls.inside_step():
             data = dtensor_route.global_batches(data, distribution)
             logs = _routed(step_function, data, model, state, kind)
         # After a step every variable and output has looked up its layout.
