@@ -132,6 +132,11 @@ def reading_local_values():
         _local.local_values = False
 
 
+def reads_local_values():
+    """Whether `reading_local_values` is on in this thread."""
+    return getattr(_local, "local_values", False)
+
+
 @contextlib.contextmanager
 def gathering_over(axis):
     """Inside, in this thread, a variable split over mesh axis `axis` reads
@@ -166,7 +171,7 @@ def stand_in(variable):
     replica = replica_of(variable)
     if replica is not None:
         return replica
-    if getattr(_local, "local_values", False):
+    if reads_local_values():
         return _local_value(variable._value)
     axis = getattr(_local, "gather_axis", None)
     if axis is None:

@@ -64,7 +64,7 @@ def scope_for_call():
     Checked at every layer call, so the common cases return first: a call
     that records gradients, a call nested in one already on local values,
     no distribution."""
-    if torch.is_grad_enabled() or getattr(_local, "active", False):
+    if torch.is_grad_enabled() or variables.reads_local_values():
         return None
     if getattr(_local, "steps", 0):
         return None
@@ -73,14 +73,4 @@ def scope_for_call():
         return None
     if in_symbolic_scope() or in_stateless_scope():
         return None
-    return _on_local_values()
-
-
-@contextlib.contextmanager
-def _on_local_values():
-    _local.active = True
-    try:
-        with variables.reading_local_values():
-            yield
-    finally:
-        _local.active = False
+    return variables.reading_local_values()
