@@ -24,8 +24,9 @@ last line one JSON object of ratios, each between two numbers of this run:
   process over plain PyTorch's, same model, batch and optimizer (the MLP
   with Adam and with AdamW, both transformers with Adam).
 - `*_compiled_*`: the same with `jit_compile=True` (plain PyTorch stays
-  eager). On one process Keras compiles its whole step; distributed, the
-  model's forward pass (`docs/performance.md`).
+  eager). Keras's whole step is compiled on one process and under data
+  parallelism; under model parallelism, the forward pass
+  (`docs/performance.md`).
 - `data_check_ratio_vs_short_fit`: the check that every rank passed the
   same arrays, against a short `fit` (`data_check.py`).
 

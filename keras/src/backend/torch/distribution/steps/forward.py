@@ -4,6 +4,7 @@ import functools
 import math
 
 import torch
+import torch.utils._pytree as pytree
 from torch.distributed.tensor import DTensor
 
 from keras.src import tree
@@ -55,7 +56,7 @@ def global_bytes(outputs, global_rows):
     """The bytes of batch-major local `outputs` over the global batch."""
     return sum(
         t.element_size() * math.prod(t.shape[1:]) * global_rows
-        for t in tree.flatten(outputs)
+        for t in pytree.tree_leaves(outputs)
         if isinstance(t, torch.Tensor)
     )
 

@@ -40,11 +40,11 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
 
-from keras.src import tree
 from keras.src.backend.torch import distribution_lib
 from keras.src.backend.torch.distribution import variables
 from keras.src.backend.torch.distribution.steps import forward
@@ -77,6 +77,10 @@ class LocalReplicas:
         previous: the `LocalReplicas` this one replaces, whose verdict on
             the exact route it keeps.
     """
+
+    # With `jit_compile`, Keras's whole step is compiled on local replicas
+    # (`route`), as Keras compiles it on one process.
+    compiles_whole_steps = True
 
     def __init__(self, model, state, mesh, batch_axis, previous=None):
         if previous is not None:
@@ -146,8 +150,10 @@ class LocalReplicas:
                 self.loss_on_rows = None
 
     def _local_call(self, *args, **kwargs):
+        # torch's pytree, not Keras's `tree`, which Dynamo cannot trace
+        # over a tuple of arguments (a step compiled whole traces here).
         tensors = [
-            t for t in tree.flatten((args, kwargs)) if forward.is_batch(t)
+            t for t in pytree.tree_leaves((args, kwargs)) if forward.is_batch(t)
         ]
         if not tensors:  # Nothing to split: every rank computes the same.
             return self._forward(*args, **kwargs)
@@ -174,7 +180,7 @@ class LocalReplicas:
                 )
             return value[offset : offset + size]
 
-        args, kwargs = tree.map_structure(own_rows, (args, kwargs))
+        args, kwargs = pytree.tree_map(own_rows, (args, kwargs))
         outputs = self._forward(*args, **kwargs)
         # Decided from global sizes, so that every rank decides alike.
         gather = (
@@ -188,10 +194,12 @@ class LocalReplicas:
             rows = (size, offset, global_rows)
             self.loss_on_rows.hold(outputs, rows, to_global)
             return outputs
-        return tree.map_structure(to_global, outputs)
+        return pytree.tree_map(to_global, outputs)
 
     def _forward(self, *args, **kwargs):
-        return forward.forward_of(self.model, self.state)(*args, **kwargs)
+        compiled = not self.compiles_whole_steps  # Else it is inside one.
+        forward_pass = forward.forward_of(self.model, self.state, compiled)
+        return forward_pass(*args, **kwargs)
 
     def _gathered(self, output):
         return forward.with_mask(output, self._gather, self._check_rows)

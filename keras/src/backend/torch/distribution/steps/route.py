@@ -34,6 +34,7 @@ the model's `__dict__` (out of Keras's attribute tracking).
 import contextlib
 import warnings
 
+import torch
 from torch.distributed.tensor import DTensor
 
 from keras.src import tree
@@ -60,6 +61,7 @@ class StepState:
             the next train function), or False.
         gradient_hooks: handles of the DTensor route's gradient relayout.
         compiled_forward: the model's compiled `call` (`jit_compile`).
+        compiled_steps: `{kind: (Keras's step function, compiled)}`.
         warned_eager: whether the "runs eagerly" warning was given.
         layout_checked: whether the layout report ran.
         train_steps: training steps run (for the replica check).
@@ -70,6 +72,7 @@ class StepState:
         self.not_local = False
         self.gradient_hooks = []
         self.compiled_forward = None
+        self.compiled_steps = {}
         self.warned_eager = False
         self.layout_checked = False
         self.train_steps = 0
@@ -135,7 +138,21 @@ def _on_route(step_function, data, model, state, kind):
                 step_function, data, model, state, distribution
             )
     with replicas.active(kind):
-        return step_function(data)
+        return _compiled(step_function, model, state, kind, replicas)(data)
+
+
+def _compiled(step_function, model, state, kind, replicas):
+    """Keras's `kind` step function, compiled whole where the model asks
+    for `jit_compile` and its replicas compile whole steps, as Keras
+    compiles a step on one process; as it is otherwise. Compiled once per
+    step function Keras makes."""
+    if not (model.jit_compile and replicas.compiles_whole_steps):
+        return step_function
+    held = state.compiled_steps.get(kind)
+    if held is None or held[0] is not step_function:
+        held = (step_function, torch.compile(step_function))
+        state.compiled_steps[kind] = held
+    return held[1]
 
 
 @contextlib.contextmanager
@@ -143,10 +160,10 @@ def _gradients_by_backward(model):
     """Keras 3.16's `train_step` takes gradients with `torch.autograd.grad`
     when `jit_compile` is set and the model does not run eagerly. That
     accumulates nothing, so the hooks that reduce gradients across ranks
-    (`gradient_buckets`) would never fire. Under a distribution the step
-    is not compiled whole anyway (`compiles_whole_steps`): it runs as an
-    eager step, which calls `backward()`; the model's forward pass is still
-    compiled on local replicas."""
+    (`gradient_buckets`) would never fire. Under a distribution Keras does
+    not compile the step itself (`compiles_whole_steps`), and the step it
+    runs, which the route compiles on local replicas (`_compiled`), calls
+    `backward()` as an eager step does."""
     eager = model.run_eagerly
     model.run_eagerly = True
     try:
@@ -247,9 +264,11 @@ def prepare_train_function(model):
 
 
 def compiles_whole_steps():
-    """Whether Keras may compile a step whole: not under a distribution,
-    whose collectives and DTensor loss do not trace as one graph; steps
-    on local tensors compile the model's forward pass instead."""
+    """Whether Keras may compile its step functions itself: not under a
+    distribution, where a model's first steps run on DTensors, which do not
+    trace through Keras layers. The route compiles the steps that run on
+    local tensors instead: whole on local replicas (`_compiled`), the
+    forward pass on local shards."""
     return current_distribution() is None
 
 
