@@ -78,9 +78,10 @@ class LocalReplicas:
             the exact route it keeps.
     """
 
-    # With `jit_compile`, Keras's whole step is compiled on local replicas
-    # (`route`), as Keras compiles it on one process.
-    compiles_whole_steps = True
+    # What `jit_compile` compiles in a step on these tensors: Keras's whole
+    # step ("step", by `route`, as Keras compiles it on one process) or the
+    # model's forward pass ("forward").
+    jit_compiles = "step"
 
     def __init__(self, model, state, mesh, batch_axis, previous=None):
         if previous is not None:
@@ -197,7 +198,7 @@ class LocalReplicas:
         return pytree.tree_map(to_global, outputs)
 
     def _forward(self, *args, **kwargs):
-        compiled = not self.compiles_whole_steps  # Else it is inside one.
+        compiled = self.jit_compiles == "forward"  # Else inside the step.
         forward_pass = forward.forward_of(self.model, self.state, compiled)
         return forward_pass(*args, **kwargs)
 

@@ -64,10 +64,9 @@ class LocalShards(local_replicas.LocalReplicas):
         NotReplicated: a variable is split over the batch axis.
     """
 
-    # With `jit_compile`, the forward pass is compiled (its contractions'
-    # all-reduces trace as functional collectives); whole steps on local
-    # shards have not been tried.
-    compiles_whole_steps = False
+    # The forward pass (its contractions' all-reduces trace as functional
+    # collectives); whole steps on local shards have not been tried.
+    jit_compiles = "forward"
 
     def __init__(self, model, state, mesh, batch_axis, previous=None):
         super().__init__(model, state, mesh, batch_axis, previous)

@@ -143,10 +143,10 @@ def _on_route(step_function, data, model, state, kind):
 
 def _compiled(step_function, model, state, kind, replicas):
     """Keras's `kind` step function, compiled whole where the model asks
-    for `jit_compile` and its replicas compile whole steps, as Keras
-    compiles a step on one process; as it is otherwise. Compiled once per
-    step function Keras makes."""
-    if not (model.jit_compile and replicas.compiles_whole_steps):
+    for `jit_compile` and its replicas compile whole steps
+    (`jit_compiles`), as Keras compiles a step on one process; as it is
+    otherwise. Compiled once per step function Keras makes."""
+    if not (model.jit_compile and replicas.jit_compiles == "step"):
         return step_function
     held = state.compiled_steps.get(kind)
     if held is None or held[0] is not step_function:
