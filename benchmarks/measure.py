@@ -238,10 +238,17 @@ class KerasRunner:
 # at the global batch (Keras then compiles its whole step).
 COMPILED_CASES = ("dp_mlp", "dp_transformer", "mp_blocks")
 SINGLE_COMPILED_CASES = ("dp_mlp", "dp_transformer")
+# A smoke run compiles one case, distributed: compiling is most of a run's
+# time (100 of 130 s here), and the compiled steps' numbers are the unit
+# tests' subject (`local_replicas_test`, `local_shards_test`).
+SMOKE_COMPILED_CASES = ("dp_mlp",)
 
 
-def configurations(mode, processes):
-    """`(side, case, batch, shrink, compile)` of every run of `mode`."""
+def configurations(mode, processes, smoke=False):
+    """`(side, case, batch, shrink, compile)` of every run of `mode`; a
+    smoke run compiles `SMOKE_COMPILED_CASES` only."""
+    compiled = SMOKE_COMPILED_CASES if smoke else COMPILED_CASES
+    single_compiled = () if smoke else SINGLE_COMPILED_CASES
     runs = []
     for case, (kind, batch) in workloads.CASES.items():
         if kind == "single":
@@ -260,12 +267,12 @@ def configurations(mode, processes):
             for side in ("torch", "keras"):
                 runs.append((side, case, batch, 1, False))
                 runs.append((side, case) + share + (False,))
-            if case in SINGLE_COMPILED_CASES:
+            if case in single_compiled:
                 runs.append(("keras", case, batch, 1, True))
         else:
             runs.append(("torch", case, batch, 1, False))
             runs.append(("keras", case, batch, 1, False))
-            if case in COMPILED_CASES:
+            if case in compiled:
                 runs.append(("keras", case, batch, 1, True))
     return runs
 
@@ -276,6 +283,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8, help="per round")
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument(
+        "--smoke", action="store_true", help="compiles one case only"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # One core per process, as on 2 ranks.
     # Adam's second moments underflow into denormals, whose arithmetic is
@@ -287,7 +297,7 @@ def main():
     processes = world_size() if distributed else args.processes
     runs = []
     for side, case, batch, shrink, compile in configurations(
-        args.mode, processes
+        args.mode, processes, args.smoke
     ):
         if side == "torch":
             runner = TorchRunner(case, batch, shrink, distributed)

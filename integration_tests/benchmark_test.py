@@ -1,5 +1,6 @@
 """The benchmark suite runs from a fresh checkout (its smoke mode: three
-steps per configuration, no thresholds), so that it never rots."""
+steps per configuration, one compiled case, no thresholds), so that it
+never rots."""
 
 import json
 import os
@@ -21,8 +22,7 @@ FIELDS = (
     "single_mlp_adam_step_ratio_vs_torch",
     "single_mlp_adamw_step_ratio_vs_torch",
     "dp_transformer_large_step_ratio_vs_ddp",
-    "dp_transformer_compiled_step_ratio_vs_ddp",
-    "single_transformer_adam_compiled_step_ratio_vs_torch",
+    "dp_compiled_step_ratio_vs_ddp",
 )
 
 
@@ -51,7 +51,6 @@ class BenchmarkSmokeTest(testing.TestCase):
             summary["mp_bytes_per_rank"],
             0.55 * summary["mp_bytes_single_process"],
         )
-        # Compiled steps give the eager losses.
-        for case in ("dp", "dp_transformer", "mp"):
-            compiled, eager = summary[f"{case}_compiled_loss_vs_eager"]
-            self.assertAllClose(compiled, eager, rtol=1e-5)
+        # The compiled step gives the eager loss.
+        compiled, eager = summary["dp_compiled_loss_vs_eager"]
+        self.assertAllClose(compiled, eager, rtol=1e-5)
