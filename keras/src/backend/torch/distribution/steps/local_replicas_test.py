@@ -279,17 +279,16 @@ class LocalReplicasTest(testing.TestCase):
         # Whole but for backward: the transformer's attention once broke
         # its forward pass into pieces, Keras's tree utilities its step.
         # (The MLP's compiled steps run in the test below.)
-        for model_name in ("transformer",):
-            expected_loss, expected_predictions, _ = single_process(model_name)
-            for loss, predictions, verdict, whole in run_on_processes(
-                2, route_and_numbers, model_name, True
-            ):
-                self.assertEqual(verdict, "local")
-                self.assertTrue(whole, model_name)
-                self.assertAllClose(loss, expected_loss, rtol=1e-5)
-                self.assertAllClose(
-                    predictions, expected_predictions, rtol=1e-5, atol=1e-6
-                )
+        expected_loss, expected_predictions, _ = single_process("transformer")
+        for loss, predictions, verdict, whole in run_on_processes(
+            2, route_and_numbers, "transformer", True
+        ):
+            self.assertEqual(verdict, "local")
+            self.assertTrue(whole)
+            self.assertAllClose(loss, expected_loss, rtol=1e-5)
+            self.assertAllClose(
+                predictions, expected_predictions, rtol=1e-5, atol=1e-6
+            )
 
     def test_jit_compile_keeps_its_graph_across_imports(self):
         # torch.compile guards a lookup in `sys.modules` on its size.
