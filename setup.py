@@ -74,11 +74,14 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=tree_packages(),
     package_dir={PACKAGE: "keras"},
-    # The supported ranges. `distribution_graft` reads the Keras range back
-    # from the installed metadata to warn on an untested Keras.
+    # The supported ranges, read back from the installed metadata: Keras's
+    # to warn on an untested Keras (`keras_edits/internals.py`), torch's to
+    # refuse a torch below it (`torch_edits/internals.py`). torch has no
+    # upper bound: a newer torch is told apart by feature detection, and a
+    # known-broken release would be excluded here (`!=`).
     install_requires=[
         "keras>=3.15.1,<3.17",
-        "torch>=2.13,<2.14",
+        "torch>=2.12.1",
         "numpy",
     ],
     extras_require={"tests": ["pytest", "absl-py"]},

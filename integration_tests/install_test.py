@@ -3,6 +3,7 @@
 
 import glob
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -36,18 +37,38 @@ def snapshot(site_packages):
     return files, sorted(os.listdir(site_packages))
 
 
+def tracked_copy(work):
+    """A copy of the tracked files, not the working directory's others."""
+    source = os.path.join(work, "source")
+    files = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO)
+    for name in files.stdout.split():
+        os.makedirs(os.path.dirname(os.path.join(source, name)), exist_ok=True)
+        shutil.copy(os.path.join(REPO, name), os.path.join(source, name))
+    return source
+
+
 class InstallTest(testing.TestCase):
+    def test_installing_keeps_the_installed_torch(self):
+        # pip resolves the package's requirements against this environment
+        # alone (no index): any torch in the supported range stays as it is
+        # (CI runs this with torch 2.14.1, and with 2.12.1).
+        work = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, work)
+        report = os.path.join(work, "report.json")
+        result = run(
+            [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index"]
+            + ["--no-build-isolation", "--report", report, tracked_copy(work)]
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        with open(report) as f:
+            installs = json.load(f)["install"]
+        names = [item["metadata"]["name"] for item in installs]
+        self.assertEqual(names, ["keras-torch-distribution"])
+
     def test_install_and_uninstall(self):
         work = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, work)
-        # Build from a copy of the tracked files, not the working directory.
-        source = os.path.join(work, "source")
-        files = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO)
-        for name in files.stdout.split():
-            os.makedirs(
-                os.path.dirname(os.path.join(source, name)), exist_ok=True
-            )
-            shutil.copy(os.path.join(REPO, name), os.path.join(source, name))
+        source = tracked_copy(work)
 
         venv = os.path.join(work, "venv")
         run([sys.executable, "-m", "venv", venv]).check_returncode()

@@ -28,11 +28,11 @@ from torch.distributed.device_mesh import DeviceMesh as TorchDeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
-from torch.distributed.tensor import _random as dtensor_random
 
 from keras.src.backend.torch.distribution import process_group
 from keras.src.backend.torch.distribution.layouts import mesh_axes_of
 from keras.src.backend.torch.distribution.torch_modules import plans
+from keras.src.backend.torch.torch_edits import random as torch_random_edits
 
 DEVICE_TYPES = ("cpu", "gpu")
 TORCH_DEVICE_TYPES = {"cpu": "cpu", "gpu": "cuda"}
@@ -258,13 +258,8 @@ def _to_backend_mesh(device_mesh):
         )
         for axis in range(mesh.ndim):
             process_group.bound_group(mesh.get_group(axis))
-        if torch_device_type == "cuda" and dtensor_random._rng_tracker is None:
-            # Made here, after `initialize` agreed on a seed, rather than by
-            # DTensor's first random op, which would broadcast rank 0's
-            # generator state in the middle of a step.
-            dtensor_random._rng_tracker = dtensor_random.OffsetBasedRNGTracker(
-                mesh, run_state_sync=False
-            )
+        if torch_device_type == "cuda":
+            torch_random_edits.make_tracker(mesh)
         _torch_meshes[key] = mesh
     return _torch_meshes[key]
 

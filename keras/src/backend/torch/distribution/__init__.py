@@ -9,7 +9,8 @@ module's counterpart (devices, `initialize`, `distribute_tensor`,
     failure_watch.py    one rank fails -> every rank stops, naming it
     layouts.py          reading `TensorLayout` entries
     variables.py        Keras variables as DTensors laid out by the map
-    dtensor_ops.py      DTensor gaps closed (fallbacks, attention, convs)
+    dtensor_ops.py      Keras's ops on DTensors (DTensor's own gaps:
+                        ../torch_edits/)
     contraction_plan.py the collectives around matmuls and einsums:
                         recorded on DTensors, replayed on local shards
     steps/              one training step, by one of three routes:
@@ -31,7 +32,9 @@ module's counterpart (devices, `initialize`, `distribute_tensor`,
 `../keras_edits/` holds the edits to Keras's own files, one companion
 module per file, each replacement a few lines calling in here; the graft
 (`../distribution_graft.py`) applies them when Keras is imported. Nothing
-here imports `keras_edits`.
+here imports `keras_edits`. `../torch_edits/` holds the changes to torch's
+DTensor, each with a scope; modules here enter the scopes of a step's
+recording and of a plan.
 
 Public, stable names: `save_sharded`, `load_sharded`, `describe` and
 `plan`, from this package:

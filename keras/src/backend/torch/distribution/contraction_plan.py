@@ -39,10 +39,9 @@ import threading
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-from torch.distributed.tensor import _api as dtensor_api
-from torch.distributed.tensor import _dispatch as dtensor_dispatch
-from torch.distributed.tensor import _redistribute as dtensor_redistribute
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from keras.src.backend.torch.torch_edits import redistribution_watch
 
 _local = threading.local()
 
@@ -105,11 +104,10 @@ def recorder():
 @contextlib.contextmanager
 def recording(mesh, batch_axis):
     """Records this thread's step into a new `ContractionPlan`."""
-    _install_redistribution_watch()
     plan = ContractionPlan(mesh, batch_axis)
     _local.recording, _local.allowed = plan, False
     try:
-        with _RandomDraws(plan):
+        with redistribution_watch.watching(_watch), _RandomDraws(plan):
             yield plan
     finally:
         _local.recording = None
@@ -264,29 +262,19 @@ def record_gradient_sum(mesh, axes):
         plan.fault(f"a replicated weight's gradient summed over {names}")
 
 
-def _install_redistribution_watch():
-    """Wraps DTensor's `redistribute_local_tensor` where DTensor calls it
-    (dispatch, `redistribute()` and its backward, `full_tensor`), once: a
-    redistribution while recording, outside `allowed()`, is a fault."""
-    if getattr(_install_redistribution_watch, "done", False):
+def _watch(current, target):
+    """Before DTensor redistributes a tensor from `current` to `target`
+    (specs): one the plan does not account for is a fault."""
+    plan = recorder()
+    if (
+        plan is None
+        or _local.allowed
+        or plan.styled_meshes.get(current.mesh, False)
+    ):
         return
-    upstream = dtensor_redistribute.redistribute_local_tensor
-
-    def redistribute_local_tensor(local_tensor, current, target, **kwargs):
-        plan = recorder()
-        if (
-            plan is not None
-            and not _local.allowed
-            and not plan.styled_meshes.get(current.mesh, False)
-        ):
-            before, after = current.placements, target.placements
-            if moving_axes(current.mesh, before, after):
-                plan.fault(f"a tensor redistributed from {before} to {after}")
-        return upstream(local_tensor, current, target, **kwargs)
-
-    for module in (dtensor_dispatch, dtensor_redistribute, dtensor_api):
-        module.redistribute_local_tensor = redistribute_local_tensor
-    _install_redistribution_watch.done = True
+    before, after = current.placements, target.placements
+    if moving_axes(current.mesh, before, after):
+        plan.fault(f"a tensor redistributed from {before} to {after}")
 
 
 # Replaying.

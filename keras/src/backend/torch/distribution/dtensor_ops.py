@@ -1,63 +1,45 @@
-"""Makes every op that Keras layers run work on DTensors.
-
-The gaps between Keras's torch code and DTensor, closed here:
+"""Keras's ops on DTensors: the gaps between Keras's torch code and DTensor
+that this package closes on its own side.
 
 - Keras mixes plain tensors (inputs of symbolic builds, constants, masks,
   loss scales) with variables. DTensor refuses such a mix unless implicit
   replication is on; in Keras's SPMD programs a plain tensor holds the same
   global value on every rank, so treating it as replicated is exact.
-  `install()` turns it on for the calling thread (torch keeps the flag per
-  thread) and `implicit_replication()` for a block on any thread; unlike
-  torch's context manager, it restores the previous setting.
-- Some ops have no DTensor sharding strategy (the CPU attention backward
-  behind `MultiHeadAttention`), and DTensor's convolution ignores a sharded
-  weight (its handler computes with the local shard as if it were whole).
-  `install()` registers proper strategies for those Keras needs, and a
-  general fallback for any other op: inputs are replicated, the op runs on
-  full values, outputs come back replicated.
-- Sharding propagation refuses some calls: a view that would split a
-  sharded dim, an in-place update whose operand is laid out otherwise (an
-  optimizer adding a partial-sum gradient to a 2-D sharded weight). The
-  fallback replicates the inputs of such a call and propagates again; an
-  in-place call instead gets its operands laid out like the tensor it
-  updates, which must keep its layout.
-- A view that is valid on the global tensor can be invalid on a local
-  shard whose strides differ (seen in einsum backward): views of sharded
-  tensors run as reshapes, which copy only then.
+  `allow_implicit_replication()` turns it on for the calling thread (torch
+  keeps the flag per thread; a laid-out variable's creation calls it) and
+  `implicit_replication()` for a block on any thread; unlike torch's
+  context manager, it restores the previous setting.
+- A lookup in a table split along its rows (`sharded_lookup`), `argmax`
+  and `argmin` along a split dim (`whole_along`), contractions that
+  communicate as Megatron's layers do (`megatron_contraction`).
 - A rank whose block of a batch is empty runs attention with a kernel that
   takes an empty batch (`attention_kernels_for`).
 - A slice update mixing a plain tensor and a DTensor (a KV cache made with
   `ops.zeros`) lays both out alike first (`aligned_for_update`).
-- `argmax` and `argmin` along a split dim gather that dim first
-  (`whole_along`).
+
+What DTensor itself lacks (strategies for CPU attention and convolutions,
+a fallback for ops without one) is added to torch by `../torch_edits/`,
+from the first distribution set on.
 """
 
 import contextlib
-import functools
 
 import torch
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor import Partial
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
-from torch.distributed.tensor import _collective_utils as collective_utils
-from torch.distributed.tensor import _utils as dtensor_utils
-from torch.distributed.tensor._dtensor_spec import DTensorSpec
-from torch.distributed.tensor._op_schema import OpSchema
-from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
-from torch.distributed.tensor._ops import utils as ops_utils
-from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy
-from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.placement_types import _MaskPartial
 from torch.nn.attention import SDPBackend
 from torch.nn.attention import sdpa_kernel
 
 from keras.src.backend.torch.distribution import contraction_plan
+from keras.src.backend.torch.torch_edits.op_strategies import mask_placement
 
-aten = torch.ops.aten
 
-# Every op that went through a fallback, for tests and curious users.
-fallback_ops = set()
+def allow_implicit_replication():
+    """Treats plain tensors as replicated DTensors in this thread, from now
+    on."""
+    torch._C._set_dtensor_allow_implicit_replication(True)
 
 
 @contextlib.contextmanager
@@ -262,235 +244,6 @@ class _GradientLikeInput(torch.autograd.Function):
         return grad, None, None
 
 
-def install():
-    """Registers Keras's missing strategies and the fallback, once; allows
-    implicit replication on this thread."""
-    torch._C._set_dtensor_allow_implicit_replication(True)
-    propagator = DTensor._op_dispatcher.sharding_propagator
-    if getattr(propagator, "keras_fallback_installed", False):
-        return
-    _register_cpu_attention(propagator)
-    _register_convolution(propagator)
-    _remember_redistribution_costs()
-    propagate = _with_fallback(propagator.propagate_op_sharding_non_cached)
-    propagator.propagate_op_sharding_non_cached = propagate
-    # The cached entry point holds the original bound method: rebuild it.
-    propagator.propagate_op_sharding = type(propagator.propagate_op_sharding)(
-        propagate
-    )
-    propagator.keras_fallback_installed = True
-
-
-# Where DTensor looks up the cost of a redistribution (torch 2.13).
-COST_USERS = (collective_utils, ops_utils, dtensor_utils)
-
-
-def _remember_redistribution_costs():
-    """DTensor lays a new op out by costing the redistribution of every
-    operand to every candidate layout, once per op, shape and layout it
-    meets (then it caches the op's layout). On a 2-D mesh, where dims split
-    twice over (`_StridedShard`), each cost is a search over the mesh's
-    layouts, uncached in torch 2.13: Gemma's first step on an 8x8 mesh
-    spent a minute there. A cost depends only on the two layouts (spec
-    equality covers the mesh, placements, shard order, shape, stride and
-    dtype, all it reads), so each is worked out once here."""
-    remembered = functools.lru_cache(maxsize=1 << 16)(
-        collective_utils.redistribute_cost
-    )
-    for module in COST_USERS:
-        module.redistribute_cost = remembered
-
-
-def _with_fallback(propagate):
-    """`propagate` (DTensor's sharding propagation) with the fallbacks."""
-    nesting = []  # DTensor propagates the sub-ops of decompositions here too.
-
-    def propagate_with_fallback(op_schema):
-        nesting.append(op_schema.op)
-        try:
-            return _reshape_sharded_views(propagate(op_schema))
-        except NotImplementedError:
-            # A failing sub-op fails its decomposition, and the whole op
-            # falls back; DTensor decomposes composite ops itself; updating
-            # a replicated copy in place would lose the update.
-            inplace = op_schema.is_inplace_op()
-            if len(nesting) > 1 or _decomposes(op_schema.op) or inplace:
-                raise
-            fallback_ops.add(op_schema.op)
-            register_sharding(op_schema.op)(_replicate_everything(op_schema.op))
-            return propagate(op_schema)
-        except RuntimeError as error:
-            if len(nesting) > 1:
-                raise
-            if op_schema.is_inplace_op():
-                return _propagate_aligned(propagate, op_schema, error)
-            return _propagate_replicated(propagate, op_schema, error)
-        finally:
-            nesting.pop()
-
-    return propagate_with_fallback
-
-
-def _decomposes(op):
-    return torch._C._dispatch_has_kernel_for_dispatch_key(
-        op.name(), torch._C.DispatchKey.CompositeImplicitAutograd
-    )
-
-
-def _replicate_everything(op):
-    """A sharding for `op`: every tensor input and output replicated."""
-    outputs = [Replicate()] * len(op._schema.returns)
-
-    def sharding(*args, **kwargs):
-        tensors = [a for a in (*args, *kwargs.values()) if _is_tensor(a)]
-        return [(outputs, [Replicate()] * len(tensors))]
-
-    return sharding
-
-
-def _is_tensor(spec):
-    return isinstance(spec, DTensorSpec)
-
-
-def _reshape_sharded_views(output_sharding):
-    schema = output_sharding.redistribute_schema
-    if (
-        schema is not None
-        and schema.op is aten.view.default
-        and output_sharding.use_val_from_redistribute_schema
-    ):
-        # The dispatcher runs the schema's op when it differs from the call's.
-        output_sharding.redistribute_schema = OpSchema(
-            aten.reshape.default,
-            schema.args_schema,
-            schema.kwargs_schema,
-            schema_info=schema.schema_info,
-        )
-    return output_sharding
-
-
-def _replicated_spec(spec):
-    if isinstance(spec, DTensorSpec):
-        return DTensorSpec(
-            spec.mesh, (Replicate(),) * spec.mesh.ndim, spec.tensor_meta
-        )
-    if isinstance(spec, (list, tuple)):
-        return type(spec)(_replicated_spec(s) for s in spec)
-    return spec
-
-
-def _propagate_aligned(propagate, op_schema, error):
-    """Propagates an in-place `op_schema` with every operand laid out like
-    the updated tensor (the first argument, or each element of it)."""
-    updated = op_schema.args_schema[0]
-
-    def aligned(spec, target):
-        if isinstance(spec, (list, tuple)) and isinstance(
-            target, (list, tuple)
-        ):
-            return type(spec)(aligned(s, t) for s, t in zip(spec, target))
-        if (
-            _is_tensor(spec)
-            and _is_tensor(target)
-            and spec.shape == target.shape
-        ):
-            return DTensorSpec(spec.mesh, target.placements, spec.tensor_meta)
-        return _replicated_spec(spec)
-
-    args = (updated,) + tuple(
-        aligned(arg, updated) for arg in op_schema.args_schema[1:]
-    )
-    return _propagate_with_inputs(propagate, op_schema, args, error)
-
-
-def _propagate_replicated(propagate, op_schema, error):
-    """Propagates `op_schema` with every input replicated."""
-    args = tuple(_replicated_spec(arg) for arg in op_schema.args_schema)
-    return _propagate_with_inputs(propagate, op_schema, args, error)
-
-
-def _propagate_with_inputs(propagate, op_schema, args, error):
-    """Propagates `op_schema` as if its inputs were laid out as `args`, and
-    has the dispatcher redistribute them so; on failure `error` stands."""
-    kwargs = {
-        k: _replicated_spec(v) for k, v in op_schema.kwargs_schema.items()
-    }
-    schema = OpSchema(
-        op_schema.op, args, kwargs, schema_info=op_schema.schema_info
-    )
-    if schema.args_schema == op_schema.args_schema:
-        raise error
-    try:
-        output_sharding = propagate(schema)
-    except Exception:
-        raise error
-    fallback_ops.add(op_schema.op)
-    if output_sharding.redistribute_schema is None:
-        output_sharding.redistribute_schema = schema
-    output_sharding.needs_redistribute = True
-    return output_sharding
-
-
-def _register_cpu_attention(propagator):
-    """CPU attention, batch- or head-parallel, its mask included.
-
-    Forward inputs are `query, key, value`, backward inputs `grad_out,
-    query, key, value, out, logsumexp`, each `(batch, heads, length, ...)`,
-    and an optional keyword `attn_mask` that broadcasts to `(batch, heads,
-    length, length)`. DTensor's own forward strategy splits the batch but
-    not the mask; the backward has none. DTensor never redistributes a
-    keyword argument, so the mask keeps its layout and the other tensors
-    follow it, mesh axis by mesh axis.
-    """
-    ops = {
-        aten._scaled_dot_product_flash_attention_for_cpu.default: (2, 3),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (
-            3,
-            6,
-        ),
-    }
-    for op, (outputs, inputs) in ops.items():
-        propagator.register_op_strategy(
-            op,
-            functools.partial(_attention_strategy, outputs, inputs),
-            RuntimeSchemaInfo(needs_pytree=True),
-        )
-
-
-def _attention_strategy(outputs, inputs, op_schema):
-    mask = op_schema.kwargs_schema.get("attn_mask")
-    mask_spec = mask.strategies[0].output_spec if mask is not None else None
-    r = Replicate()
-    single_axis = [[r] * (outputs + inputs)]
-    for dim in (0, 1):
-        single_axis.append([Shard(dim)] * (outputs + inputs))
-    if mask_spec is not None:
-        masks = [r] + [_mask_placement(mask_spec.shape, dim) for dim in (0, 1)]
-        single_axis = [option + [m] for option, m in zip(single_axis, masks)]
-
-    def keeps_mask_layout(input_specs, output_specs):
-        return mask_spec is None or (
-            input_specs[-1].placements == mask_spec.placements
-        )
-
-    return expand_to_full_mesh_op_strategy(
-        op_schema.get_mesh_from_args(),
-        op_schema,
-        single_axis,
-        input_index=outputs,
-        is_valid_strategy_cb=keeps_mask_layout,
-    )
-
-
-def _mask_placement(mask_shape, dim):
-    """How a mask that broadcasts to `(batch, heads, length, length)` is laid
-    out when attention splits `dim` (0: batch, 1: heads) of its inputs."""
-    mask_dim = dim - (4 - len(mask_shape))
-    if mask_dim < 0 or mask_shape[mask_dim] == 1:
-        return Replicate()  # The mask broadcasts along `dim`.
-    return Shard(mask_dim)
-
-
 def whole(tensor):
     """A DTensor's full value, the same plain tensor on every rank (a
     collective); anything else as it is."""
@@ -589,7 +342,7 @@ def lay_out_attention_mask(mask, query):
         )
     split_dims = {Shard(0): 0, Shard(2): 1}  # Query dim -> attention dim.
     placements = [
-        _mask_placement(mask.shape, split_dims[p])
+        mask_placement(mask.shape, split_dims[p])
         if p in split_dims
         else Replicate()
         for p in query.placements
@@ -619,49 +372,3 @@ def attention_kernels_for(query):
         return
     with sdpa_kernel([SDPBackend.MATH]):
         yield
-
-
-def _register_convolution(propagator):
-    """Convolutions parallel over batch, output channels or input channels.
-
-    Tensors are channels-first: input `(N, C_in, ...)`, weight
-    `(C_out, C_in, ...)`. Grouped and transposed convolutions are parallel
-    over the batch only.
-    """
-    forward = aten.convolution.default
-    backward = aten.convolution_backward.default
-    for op in (forward, backward):
-        DTensor._op_dispatcher._custom_op_handlers.pop(op, None)
-        propagator.op_single_dim_strategy_funcs.pop(op, None)
-
-    @register_sharding(forward)
-    def convolution(input, weight, bias, *args):
-        transposed, groups = args[3], args[5]
-        r, s0, s1, p = Replicate(), Shard(0), Shard(1), Partial()
-        with_bias = bias is not None
-        options = [
-            ([r], [r, r] + [r] * with_bias),
-            ([s0], [s0, r] + [r] * with_bias),
-        ]
-        if not transposed and groups == 1:
-            options.append(([s1], [r, s0] + [s0] * with_bias))
-            options.append(([p], [s1, s1] + [p] * with_bias))
-        return options
-
-    @register_sharding(backward)
-    def convolution_backward(grad_output, input, weight, bias_sizes, *args):
-        transposed, groups = args[3], args[5]
-        r, s0, s1, p = Replicate(), Shard(0), Shard(1), Partial()
-        with_bias = bias_sizes is not None
-
-        def grads(grad_input, grad_weight, grad_bias):
-            return [grad_input, grad_weight, grad_bias if with_bias else None]
-
-        options = [
-            (grads(r, r, r), [r, r, r]),
-            (grads(s0, p, p), [s0, s0, r]),
-        ]
-        if not transposed and groups == 1:
-            options.append((grads(p, s0, s0), [s1, r, s0]))
-            options.append((grads(s1, s1, r), [r, s1, s1]))
-        return options

@@ -14,7 +14,9 @@ from torch.distributed.tensor import Shard
 
 import keras
 from keras.src import testing
+from keras.src.backend.torch import torch_edits
 from keras.src.backend.torch.distribution import dtensor_ops
+from keras.src.backend.torch.torch_edits import sharding_fallback
 from keras.src.testing.multi_process import run_on_processes
 
 aten = torch.ops.aten
@@ -42,7 +44,8 @@ def _compare(fn, shapes, mesh_shape, placements):
     """`fn` on DTensors and on plain tensors: the relative errors of the
     value and of every input's gradient, and the ops that went through the
     fallback (the first time in this process)."""
-    dtensor_ops.install()
+    torch_edits.apply_distribution_scope()
+    dtensor_ops.allow_implicit_replication()
     mesh = _torch_mesh(mesh_shape)
     plain = [_leaf(shape, seed) for seed, shape in enumerate(shapes)]
     expected = fn(*plain)
@@ -56,7 +59,7 @@ def _compare(fn, shapes, mesh_shape, placements):
     for leaf in plain:
         leaf.grad = None
     inputs = [_distributed(p, mesh, pl) for p, pl in zip(plain, placements)]
-    fallback_before = set(dtensor_ops.fallback_ops)
+    fallback_before = set(sharding_fallback.fallback_ops)
     result = fn(*inputs)
     (result * cotangent).sum().backward()
     errors = [_relative_error(result.full_tensor(), expected)]
@@ -64,7 +67,7 @@ def _compare(fn, shapes, mesh_shape, placements):
         _relative_error(leaf.grad, want)
         for leaf, want in zip(plain, expected_grads)
     ]
-    new_fallbacks = set(dtensor_ops.fallback_ops) - fallback_before
+    new_fallbacks = set(sharding_fallback.fallback_ops) - fallback_before
     return errors, sorted(map(str, new_fallbacks))
 
 
@@ -114,7 +117,8 @@ def view_that_splits_a_sharded_dim():
 def inplace_update_of_a_2d_sharded_weight():
     """An optimizer-style update: a weight laid out on both mesh axes plus a
     partial-sum gradient, added in place."""
-    dtensor_ops.install()
+    torch_edits.apply_distribution_scope()
+    dtensor_ops.allow_implicit_replication()
     mesh = _torch_mesh((1, 2))
     weight = torch.arange(24.0).reshape(4, 6)
     update = torch.ones(4, 6)

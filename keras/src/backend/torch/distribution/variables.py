@@ -92,7 +92,7 @@ def initialize(variable, value):
     if variable._layout is None:
         value = value.to(backend_core.get_device())
     else:
-        dtensor_ops.install()
+        dtensor_ops.allow_implicit_replication()
         value = distribution_lib.distribute_variable(
             value, variable._layout, name=variable.path
         )

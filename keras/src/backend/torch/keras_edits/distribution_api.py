@@ -10,11 +10,18 @@ Upstream edits on behalf of the torch backend:
   PyTorch modules select the same variables. It notes which keys matched,
   for the report of keys that matched nothing (see
   `distribution/layout_maps.py`).
+- `set_distribution`, given a distribution, first puts this package's
+  changes to torch's DTensor in place (`torch_edits`, the distribution
+  scope: strategies Keras's ops need, a fallback for ops without one),
+  for the rest of the process; an unsupported torch raises there, on
+  every rank, before anything is laid out. A process that never sets a
+  distribution runs torch as installed.
 - Keras 3.16's `Distribution.num_data_shards` and `data_shard_id` make its
   data adapters shard per process; here there is one shard, and this
   package splits every global batch itself.
 """
 
+from keras.src.backend.torch import torch_edits
 from keras.src.backend.torch.distribution import layout_maps
 from keras.src.backend.torch.distribution import layouts
 from keras.src.backend.torch.keras_edits import edit
@@ -35,6 +42,16 @@ def _layout_map_getitem(upstream):
         return layout_maps.lookup(self, key)
 
     return getitem
+
+
+def _set_distribution(upstream):
+    def set_distribution(value):
+        """Stands for `set_distribution`."""
+        if value is not None:
+            torch_edits.apply_distribution_scope()
+        upstream(value)
+
+    return set_distribution
 
 
 def _one_data_shard(upstream):
@@ -62,6 +79,7 @@ def apply(distribution_module):
     )
     edit(layout, "_validate_axes", _validate_axes)
     edit(layout_map, "__getitem__", _layout_map_getitem)
+    edit(distribution_module, "set_distribution", _set_distribution)
     distribution = distribution_module.Distribution
     if hasattr(distribution, "num_data_shards"):  # Keras 3.16
         edit_property(distribution, "num_data_shards", _one_data_shard)

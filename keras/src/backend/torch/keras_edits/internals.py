@@ -1,19 +1,20 @@
-"""Every Keras and PyTorch internal this project relies on, in one place.
+"""Every Keras internal this project relies on, in one place.
 
-On a Keras or torch upgrade, this file is the review: run
-`internals_test.py`, which resolves every entry below against the installed
-versions, then read the companion named beside each replaced entry.
+On a Keras upgrade, this file is the review: run `internals_test.py`,
+which resolves every entry below against the installed version, then read
+the companion named beside each replaced entry. torch's internals are
+listed in `../torch_edits/internals.py`.
 """
 
-import importlib
 import importlib.metadata
 import warnings
 
-from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
+from keras.src.backend.torch import torch_edits
+from keras.src.backend.torch.torch_edits import internals as torch_internals
+
 KERAS_CHECKED_VERSIONS = ("3.15.1", "3.16.0.dev2026102704")
-TORCH_CHECKED_VERSIONS = ("2.13.0",)
 
 # Keras 3.16 moved the torch backend's `core`, `nn` and `numpy` modules into
 # `ops/`. Entries name the Keras series they hold for ("3.15", "3.16"), or
@@ -132,6 +133,12 @@ KERAS_REPLACED = (
     (
         "keras.src.distribution.distribution_lib",
         "LayoutMap.__getitem__",
+        "distribution_api",
+        None,
+    ),
+    (
+        "keras.src.distribution.distribution_lib",
+        "set_distribution",
         "distribution_api",
         None,
     ),
@@ -401,107 +408,6 @@ TENSORFLOW_USED = (
     ),
 )
 
-TORCH_USED = (
-    # Planning on fake tensors: torch 2.13 computes shard offsets with
-    # index tensors, which fake mode cannot read; a plan computes them for
-    # real (`diagnostics/step_plan.py`).
-    (
-        "torch.distributed.tensor.placement_types",
-        "_StridedShard.local_shard_size_and_offset",
-    ),
-    (
-        "torch.distributed.tensor._utils",
-        "_compute_local_shape_and_global_offset",
-    ),
-    ("torch._subclasses.fake_tensor", "unset_fake_temporarily"),
-    # A plan's step on fake tensors takes DTensor's eager path (torch 2.13
-    # takes a fake mode for a compiler's trace), and DTensor's output-shape
-    # propagation on global shapes is not counted as the step's memory.
-    ("torch.distributed.tensor._sharding_prop", "_are_we_tracing"),
-    ("torch.distributed.tensor._dispatch", "_are_we_tracing"),
-    (
-        "torch.distributed.tensor._sharding_prop",
-        "ShardingPropagator._propagate_tensor_meta_non_cached",
-    ),
-    ("torch.fx.experimental.proxy_tensor", "get_proxy_mode"),
-    # The store of the default process group, shared by every rank.
-    ("torch.distributed.distributed_c10d", "_get_default_store"),
-    # The default group's backends by device (control traffic on CPU, a
-    # CPU mesh on a group without a CPU backend), and the timeout applied
-    # to the groups a mesh creates.
-    ("torch.distributed.distributed_c10d", "_get_default_group"),
-    ("torch.distributed", "ProcessGroup._device_types"),
-    ("torch.distributed.distributed_c10d", "_set_pg_timeout"),
-    # DTensor's random-number tracker, made after the seed agreement.
-    ("torch.distributed.tensor._random", "_rng_tracker"),
-    ("torch.distributed.tensor._random", "OffsetBasedRNGTracker"),
-    # Sharded checkpoints: DCP's reader, whose metadata we unpickle
-    # ourselves, and its failure report.
-    (
-        "torch.distributed.checkpoint",
-        "FileSystemReader._get_metadata_path",
-    ),
-    ("torch.distributed.checkpoint.api", "CheckpointException.failures"),
-    # DTensor's implicit replication flag, kept per thread.
-    ("torch._C", "_get_dtensor_allow_implicit_replication"),
-    ("torch._C", "_set_dtensor_allow_implicit_replication"),
-    # Sharding propagation: the fallback, strategies, and ops it replaces.
-    (
-        "torch.distributed.tensor._sharding_prop",
-        "ShardingPropagator.propagate_op_sharding_non_cached",
-    ),
-    (
-        "torch.distributed.tensor._sharding_prop",
-        "ShardingPropagator.register_op_strategy",
-    ),
-    ("torch.distributed.tensor._dispatch", "OpDispatcher"),
-    ("torch.distributed.tensor._op_schema", "OpSchema.is_inplace_op"),
-    ("torch.distributed.tensor._op_schema", "RuntimeSchemaInfo"),
-    ("torch.distributed.tensor._dtensor_spec", "DTensorSpec"),
-    ("torch.distributed.tensor._ops.utils", "expand_to_full_mesh_op_strategy"),
-    ("torch.distributed.tensor.placement_types", "_MaskPartial"),
-    # The cost of a redistribution, remembered: where DTensor looks it up.
-    ("torch.distributed.tensor._collective_utils", "redistribute_cost"),
-    ("torch.distributed.tensor._ops.utils", "redistribute_cost"),
-    ("torch.distributed.tensor._utils", "redistribute_cost"),
-    # Every redistribution of a DTensor, watched while a step records its
-    # contraction plan (`contraction_plan`): where DTensor calls it.
-    ("torch.distributed.tensor._redistribute", "redistribute_local_tensor"),
-    ("torch.distributed.tensor._dispatch", "redistribute_local_tensor"),
-    ("torch.distributed.tensor._api", "redistribute_local_tensor"),
-    # Random draws, told apart by the tag torch gives seeded ops.
-    ("torch", "Tag.nondeterministic_seeded"),
-    # The all-reduce a compiled forward pass on local shards traces.
-    ("torch.distributed._functional_collectives", "all_reduce"),
-    # Gradient buckets: the hook after accumulation, and the end-of-backward
-    # callback DistributedDataParallel also uses.
-    ("torch", "Tensor.register_post_accumulate_grad_hook"),
-    ("torch.autograd", "Variable._execution_engine"),
-    # A rank's rows of a batch split as DTensor splits dim 0.
-    (
-        "torch.distributed.tensor.placement_types",
-        "Shard.local_shard_size_and_offset",
-    ),
-    # Keras maps over batches with torch's pytree; LocalBlock is a node.
-    ("torch.utils._pytree", "register_pytree_node"),
-    # A wrapped module's inputs and outputs, mapped over.
-    ("torch.utils._pytree", "tree_map"),
-    # A replicated DTensor's storage, shared by its local replica.
-    ("torch.distributed.tensor", "DTensor._local_tensor"),
-    # A wrapped module run on views of its Keras variables.
-    ("torch.func", "functional_call"),
-    # Processes simulated by `describe --processes N`.
-    ("torch.testing._internal.distributed.fake_pg", "FakeStore"),
-    # The block of a DTensor a rank holds: which rows of a file it reads.
-    (
-        "torch.distributed.tensor._utils",
-        "compute_local_shape_and_global_offset",
-    ),
-)
-
-DISTRIBUTION_NAME = "keras-torch-distribution"
-
-
 # The names the `keras` package is published under.
 KERAS_DISTRIBUTIONS = ("keras", "keras-nightly")
 
@@ -541,22 +447,12 @@ def with_series(entries):
 
 def resolve(module_name, attribute):
     """Returns `module_name.attribute`, following dots in `attribute`."""
-    value = importlib.import_module(module_name)
-    for part in attribute.split("."):
-        value = getattr(value, part)
-    return value
+    return torch_edits.resolve(module_name, attribute)
 
 
 def supported_keras_range():
     """The Keras version range this project was installed with, or None."""
-    try:
-        requirements = importlib.metadata.requires(DISTRIBUTION_NAME) or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for requirement in map(Requirement, requirements):
-        if requirement.name == "keras" and requirement.marker is None:
-            return str(requirement.specifier)
-    return None
+    return torch_internals.declared_range("keras")
 
 
 def is_supported_keras(version, supported_range):

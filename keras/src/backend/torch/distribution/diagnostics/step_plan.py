@@ -30,26 +30,18 @@ step state are put back afterwards; the loss and metrics stay built, as
 nothing of a large model is ever allocated. Three gaps of torch 2.13's
 fake mode are bridged while planning: control traffic and mesh creation
 run on real tensors (`process_group.with_real_tensors`), and so do
-DTensor's shard-offset helpers, which read index tensors back
-(`_offsets_for_real`); DTensor takes a fake mode for a compiler's trace
-and gives up its caches, so a simulated step is given DTensor's eager
-path (`_dtensor_dispatch_as_in_eager_mode`).
+DTensor's shard-offset helpers, which read index tensors back; DTensor
+takes a fake mode for a compiler's trace and gives up its caches, so a
+simulated step is given DTensor's eager path (both in
+`torch_edits/fake_tensors.py`).
 """
 
 import contextlib
-import copy
 import weakref
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.distributed.tensor import _dispatch as dtensor_dispatch
-from torch.distributed.tensor import _sharding_prop as sharding_prop
-from torch.distributed.tensor import _utils as dtensor_utils
-from torch.distributed.tensor import placement_types
-from torch.distributed.tensor._sharding_prop import ShardingPropagator
-from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -57,6 +49,7 @@ from keras.src import tree
 from keras.src.backend.torch import random as torch_random
 from keras.src.backend.torch.distribution import process_group
 from keras.src.backend.torch.distribution.steps import route
+from keras.src.backend.torch.torch_edits import fake_tensors
 
 COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
 ALLOCATES_NOTHING = (torch.ops.aten.lift_fresh.default,)
@@ -199,93 +192,6 @@ def planning():
         torch_random.torch_seed_generator = seed_generator
 
 
-# DTensor functions that compute shard offsets with index tensors and read
-# them back, which fake mode refuses (torch 2.13): (owner, name).
-OFFSET_FUNCTIONS = (
-    (placement_types._StridedShard, "local_shard_size_and_offset"),
-    (dtensor_utils, "_compute_local_shape_and_global_offset"),
-)
-
-
-@contextlib.contextmanager
-def _offsets_for_real():
-    """Inside, DTensor's shard offsets are computed on real (small) index
-    tensors, also in a step on fake ones; once for each set of arguments
-    (they depend on nothing else), as a 2-D mesh asks for the same offsets
-    thousands of times a step."""
-
-    def for_real(upstream):
-        known = {}
-
-        def run(*args, **kwargs):
-            key = (args, tuple(sorted(kwargs.items())))
-            try:
-                hash(key)
-            except TypeError:  # A mesh coordinate given as a list.
-                key = None
-            if key is not None and key in known:
-                return copy.deepcopy(known[key])
-            with unset_fake_temporarily():
-                result = upstream(*args, **kwargs)
-            if key is not None:
-                known[key] = copy.deepcopy(result)
-            return result
-
-        return run
-
-    upstreams = [owner.__dict__[name] for owner, name in OFFSET_FUNCTIONS]
-    for (owner, name), upstream in zip(OFFSET_FUNCTIONS, upstreams):
-        setattr(owner, name, for_real(upstream))
-    try:
-        yield
-    finally:
-        for (owner, name), upstream in zip(OFFSET_FUNCTIONS, upstreams):
-            setattr(owner, name, upstream)
-
-
-def _traced_by_a_compiler():
-    """torch's `_are_we_tracing`, less its guess that a fake mode means a
-    compiler is tracing."""
-    return (
-        torch.compiler.is_compiling()
-        or torch._C._dispatch_tls_is_dispatch_key_included(
-            torch._C.DispatchKey.PythonDispatcher
-        )
-        or get_proxy_mode() is not None
-    )
-
-
-@contextlib.contextmanager
-def _dtensor_dispatch_as_in_eager_mode(recorder):
-    """Inside, DTensor dispatches ops on fake tensors as eager code runs.
-
-    DTensor takes an active fake mode for a compiler's trace (torch 2.13),
-    and then works each op's sharding out afresh, running the op on fake
-    tensors of the global shapes to learn its output's shape. A simulated
-    step is eager code on fake tensors: here it gets DTensor's eager path,
-    with the caches the real step's ops hit, and `recorder` does not count
-    the global-shaped tensors of the shape propagation (a real step's
-    have no memory).
-    """
-    modules = (sharding_prop, dtensor_dispatch)
-    upstreams = [module._are_we_tracing for module in modules]
-    propagate = ShardingPropagator.__dict__["_propagate_tensor_meta_non_cached"]
-
-    def propagate_unrecorded(self, op_schema):
-        with recorder.paused():
-            return propagate(self, op_schema)
-
-    for module in modules:
-        module._are_we_tracing = _traced_by_a_compiler
-    ShardingPropagator._propagate_tensor_meta_non_cached = propagate_unrecorded
-    try:
-        yield
-    finally:
-        for module, upstream in zip(modules, upstreams):
-            module._are_we_tracing = upstream
-        ShardingPropagator._propagate_tensor_meta_non_cached = propagate
-
-
 def fake_mode_of(model):
     """The fake mode `model`'s variables were made in, or None."""
     for variable in model.weights:
@@ -347,9 +253,7 @@ def simulate(model, batch, sequence=None, steps=None):
     recorder = StepRecorder()
     mode = planned or FakeTensorMode(allow_non_fake_inputs=True)
     try:
-        with _offsets_for_real(), mode, _dtensor_dispatch_as_in_eager_mode(
-            recorder
-        ):
+        with fake_tensors.simulating(recorder.paused), mode:
             x, y = example_batch(model, batch, sequence)
             with recorder:
                 for _ in range(steps):

@@ -37,6 +37,7 @@ from keras.src.backend.torch.distribution.data.distributed_loader import (
     LocalBlock,
 )
 from keras.src.backend.torch.distribution.steps import forward
+from keras.src.backend.torch.distribution.steps import overrides
 from keras.src.trainers.data_adapters import data_adapter_utils
 
 
@@ -141,8 +142,5 @@ def replicated_outputs(model, state, batch_axis):
             lambda output: forward.with_mask(output, replicate), outputs
         )
 
-    model.__dict__["call"] = call
-    try:
+    with overrides.overriding(model, call=call):
         yield
-    finally:
-        model.__dict__.pop("call", None)

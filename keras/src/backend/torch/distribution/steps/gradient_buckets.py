@@ -108,7 +108,7 @@ class GradientBuckets:
     # The hooks run eagerly even inside a step compiled whole: backward
     # breaks its graph, and Dynamo would otherwise trace each hook as it
     # runs (one graph per bucket, and `queue_callback` breaks them).
-    @torch._dynamo.disable
+    @torch.compiler.disable
     def _on_gradient(self, weight):
         if not self.enabled:
             return
@@ -154,7 +154,7 @@ class GradientBuckets:
         if carried is not None:
             self.summed = flat[-1:]
 
-    @torch._dynamo.disable
+    @torch.compiler.disable
     def _finish(self):
         for index in range(len(self.launched), len(self.buckets)):
             self._launch(index)  # Weights whose gradient never came.

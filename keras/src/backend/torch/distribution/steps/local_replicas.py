@@ -39,7 +39,6 @@ decides alike, as every rank sees the same values.
 import contextlib
 
 import torch
-import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
@@ -49,7 +48,9 @@ from keras.src.backend.torch import distribution_lib
 from keras.src.backend.torch.distribution import variables
 from keras.src.backend.torch.distribution.steps import forward
 from keras.src.backend.torch.distribution.steps import gradient_buckets
+from keras.src.backend.torch.distribution.steps import overrides
 from keras.src.backend.torch.distribution.steps import row_loss
+from keras.src.backend.torch.torch_edits import internals
 from keras.src.distribution import DataParallel
 
 # Why a model's steps keep the exact route after its first step of a kind.
@@ -134,21 +135,19 @@ class LocalReplicas:
         whose loss runs on rows)."""
         for replica in self.replicas.values():
             replica.grad = None
-        self.model.__dict__["call"] = self._local_call
+        model_attributes = {"call": self._local_call}
         if self.sums_gradients:
             self.buckets.start_step()
             if kind == "train" and row_loss.separable(self.model):
                 self.loss_on_rows = row_loss.RowLoss(self.model, self.buckets)
-                self.loss_on_rows.install()
+                model_attributes.update(self.loss_on_rows.overrides())
         try:
-            with variables.reading_replicas(self.replicas):
-                yield
+            with overrides.overriding(self.model, **model_attributes):
+                with variables.reading_replicas(self.replicas):
+                    yield
         finally:
             self.buckets.enabled = False
-            self.model.__dict__.pop("call", None)
-            if self.loss_on_rows is not None:
-                self.loss_on_rows.uninstall()
-                self.loss_on_rows = None
+            self.loss_on_rows = None
 
     def _local_call(self, *args, **kwargs):
         # torch's pytree, not Keras's `tree`, which Dynamo cannot trace
@@ -323,7 +322,7 @@ def gather_rows(local, sizes, group):
     padded = local.new_zeros((longest,) + tuple(local.shape[1:]))
     padded[: local.shape[0]] = local
     gathered = local.new_empty((longest * len(sizes),) + padded.shape[1:])
-    dist.all_gather_single(gathered, padded, group=group)
+    internals.all_gather_into_one()(gathered, padded, group=group)
     pieces = [
         gathered[i * longest : i * longest + size]
         for i, size in enumerate(sizes)

@@ -31,7 +31,6 @@ Everything a distribution keeps per model lives in one `StepState`, in
 the model's `__dict__` (out of Keras's attribute tracking).
 """
 
-import contextlib
 import warnings
 
 import torch
@@ -48,6 +47,7 @@ from keras.src.backend.torch.distribution.steps import dtensor_route
 from keras.src.backend.torch.distribution.steps import gradient_buckets
 from keras.src.backend.torch.distribution.steps import local_replicas
 from keras.src.backend.torch.distribution.steps import local_shards
+from keras.src.backend.torch.distribution.steps import overrides
 
 STATE_ATTRIBUTE = "_torch_distribution_steps"
 
@@ -155,7 +155,6 @@ def _compiled(step_function, model, state, kind, replicas):
     return held[1]
 
 
-@contextlib.contextmanager
 def _gradients_by_backward(model):
     """Keras 3.16's `train_step` takes gradients with `torch.autograd.grad`
     when `jit_compile` is set and the model does not run eagerly. That
@@ -164,12 +163,7 @@ def _gradients_by_backward(model):
     not compile the step itself (`compiles_whole_steps`), and the step it
     runs, which the route compiles on local replicas (`_compiled`), calls
     `backward()` as an eager step does."""
-    eager = model.run_eagerly
-    model.run_eagerly = True
-    try:
-        yield
-    finally:
-        model.run_eagerly = eager
+    return overrides.overriding(model, run_eagerly=True)
 
 
 def as_tensors(data):

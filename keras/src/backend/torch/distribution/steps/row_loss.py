@@ -124,8 +124,9 @@ def accepts(output, rows):
 class RowLoss:
     """One training step's loss on this rank's rows, for `model`.
 
-    While `installed`, the model's `_compute_loss` and `compute_metrics`
-    are replaced on the instance. `LocalReplicas` hands over the forward
+    During the step the model's `_compute_loss`, `compute_metrics` and loss
+    tracker are this object's (`overrides`, applied by `LocalReplicas`
+    with `overrides.overriding`). `LocalReplicas` hands over the forward
     pass's local output (`hold`); without one the step runs as Keras's.
 
     Args:
@@ -139,37 +140,42 @@ class RowLoss:
         self.local = None  # This rank's output, as the step has it.
         self.rows = None  # (size, offset, global rows)
         self.gather = None  # Gives the global output, differentiable.
-        self.tracker = None  # Keras's loss tracker while its update waits.
-        self.update = None  # The held update's keyword arguments.
+        self.tracker = _LossTrackerStandIn(model._loss_tracker)
+
+    def overrides(self):
+        """The model's attributes during the step."""
+        return {
+            "_compute_loss": self._compute_loss,
+            "compute_metrics": self._compute_metrics,
+            "_loss_tracker": self.tracker,
+        }
 
     def hold(self, local, rows, gather):
         """Leaves `local` on this rank's rows, `rows` being (size, offset,
         global rows); `gather(local)` would give the global output."""
         self.local, self.rows, self.gather = local, rows, gather
 
-    def install(self):
-        attributes = self.model.__dict__
-        attributes["_compute_loss"] = self._compute_loss
-        attributes["compute_metrics"] = self._compute_metrics
-
-    def uninstall(self):
-        attributes = self.model.__dict__
-        attributes.pop("_compute_loss", None)
-        attributes.pop("compute_metrics", None)
-        if self.tracker is not None:
-            attributes["_loss_tracker"] = self.tracker
-        self.local = self.gather = self.tracker = self.update = None
-
     def _holds(self, y_pred):
         """Whether `y_pred` is the held output: the same tensor, or a view
-        of it as a whole (as module backward hooks make)."""
+        of it as a whole (as module backward hooks make). Told by identity
+        first: Dynamo before torch 2.13 cannot compare `data_ptr()`s, and
+        breaks the compiled step's graph there; two views of one base are
+        compared by address."""
         local = self.local
+        if local is None or not isinstance(y_pred, torch.Tensor):
+            return False
+        if y_pred is local:
+            return True
+        base = y_pred._base
+        if base is None:
+            return False
+        whole = y_pred.shape == local.shape and y_pred.stride() == local.stride()
+        if base is local:
+            return whole
         return (
-            local is not None
-            and isinstance(y_pred, torch.Tensor)
+            whole
+            and base is local._base
             and y_pred.data_ptr() == local.data_ptr()
-            and y_pred.shape == local.shape
-            and y_pred.stride() == local.stride()
         )
 
     def _keras_loss(self, x, y, y_pred, sample_weight, training):
@@ -202,16 +208,11 @@ class RowLoss:
         loss = self._keras_loss(x, own(y), y_pred, own(sample_weight), training)
         loss = loss * (size / global_rows)
         self.buckets.carry(loss)
-        self.tracker = self.model.__dict__["_loss_tracker"]
-        self.model.__dict__["_loss_tracker"] = _HeldUpdate(self)
+        self.tracker.hold_next_update()
         return loss
 
     def _compute_metrics(self, x, y, y_pred, sample_weight=None):
-        if self.tracker is not None:
-            self.model.__dict__["_loss_tracker"] = self.tracker
-            held = self.update or {}
-            self.tracker.update_state(self.buckets.carried(), **held)
-            self.tracker = None
+        self.tracker.release(self.buckets.carried)
         return type(self.model).compute_metrics(
             self.model, x, y, y_pred, sample_weight=sample_weight
         )
@@ -224,12 +225,32 @@ def _rows_of(value, global_rows):
     return shape is not None and len(shape) > 0 and shape[0] == global_rows
 
 
-class _HeldUpdate:
-    """Stands in for Keras's loss tracker between the loss and the
-    metrics: keeps the arguments of its update other than the value."""
+class _LossTrackerStandIn:
+    """Keras's loss tracker during a step whose loss runs on rows: the
+    update Keras's `train_step` makes right after the loss, with this
+    rank's share of it, is held until backward has summed the shares
+    (`release`); everything else is the tracker's own."""
 
-    def __init__(self, row_loss):
-        self.row_loss = row_loss
+    def __init__(self, tracker):
+        self.tracker = tracker
+        self.holding = False
+        self.held = None  # The held update's keyword arguments.
+
+    def hold_next_update(self):
+        self.holding = True
 
     def update_state(self, values, sample_weight=None):
-        self.row_loss.update = {"sample_weight": sample_weight}
+        if self.holding:
+            self.holding = False
+            self.held = {"sample_weight": sample_weight}
+            return
+        self.tracker.update_state(values, sample_weight=sample_weight)
+
+    def release(self, summed):
+        """Applies the held update with `summed()`, the global loss."""
+        if self.held is not None:
+            held, self.held = self.held, None
+            self.tracker.update_state(summed(), **held)
+
+    def __getattr__(self, name):
+        return getattr(self.tracker, name)
