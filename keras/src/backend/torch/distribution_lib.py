@@ -377,9 +377,12 @@ def parallelize_module(module, layout_map, module_path):
 
 
 def _start_from_launcher():
-    """Under a launcher, the first use of the API starts the group."""
-    launched = all(name in os.environ for name in process_group.LAUNCHER_ENV)
-    if launched and not dist.is_initialized():
+    """Under a launcher, the first use of the API starts the group; a group
+    the script started itself is adopted (watched, and every rank seeded
+    alike before Keras draws any weight)."""
+    if dist.is_initialized():
+        process_group.adopt()
+    elif process_group.launched_job(os.environ):
         initialize()
 
 

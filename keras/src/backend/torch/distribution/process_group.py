@@ -1,14 +1,15 @@
 """The process group: how it starts, how long it waits, how ranks agree.
 
 One process drives one device. `start` begins the default process group
-from `initialize`'s arguments or a launcher's environment, with these
-rules:
+from `initialize`'s arguments or a launcher's environment (torchrun,
+Slurm's `srun`, Open MPI's `mpirun`: `launchers.py`), with these rules:
 
 - **Devices.** On CUDA, each process takes the GPU of its local rank
   (`LOCAL_RANK`, `SLURM_LOCALID` or `OMPI_COMM_WORLD_LOCAL_RANK`) as soon
   as Keras is imported under a launcher (`select_device`), before anything
-  lands on `cuda:0`; more processes than visible GPUs on a host is an
-  error.
+  lands on `cuda:0`; a process that sees one GPU takes it, whatever its
+  local rank; more processes than visible GPUs on a host is an error, and
+  so is a job larger than the host without a local rank.
 - **Backends.** On CUDA the group is `"cpu:gloo,cuda:nccl"`: tensors on the
   GPU go through NCCL, while the control traffic of this package (objects
   and small CPU tensors: an agreed seed, step counts, a writer's outcome)
@@ -21,6 +22,8 @@ rules:
   once (`failure_watch`).
 - **Agreement.** `agree(value)` is rank 0's value on every rank, and
   `gather(value)` every rank's: the only ways ranks exchange Python values.
+  Every rank is seeded alike when the group is adopted, whoever started
+  it (unless the script set a seed), so replicated values start equal.
 - **A clean end.** At normal exit the group is destroyed while the
   interpreter is still whole (`shut_down_at_exit`).
 """
@@ -40,6 +43,8 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from keras.src.backend.torch.distribution import failure_watch
+from keras.src.backend.torch.distribution import launchers
+from keras.src.backend.torch.torch_edits import internals
 
 # Seconds a collective (or the rendezvous) may wait for the other ranks
 # before it fails. gloo's own default is 30 minutes, NCCL's 10.
@@ -69,24 +74,24 @@ def start(job_addresses=None, num_processes=None, process_id=None):
     or checks the arguments against the one already running."""
     if dist.is_initialized():
         check_running_group(num_processes, process_id)
-        _adopt()
+        adopt()
         return
     settings = process_group_settings(
         job_addresses, num_processes, process_id, os.environ
     )
-    device = select_device(settings.local_rank)
+    device = select_device(
+        settings.local_rank, settings.rank, settings.world_size
+    )
     timeout = collective_timeout()
     _bounded_rendezvous(settings, device, timeout)
-    _adopt()
-    agree_on_random_seed()
+    adopt()
 
 
 def ensure_started():
     """Starts the group from a launcher's environment when there is one and
     it has not started; DTensor needs a group, so a lone process gets a
     group of its own."""
-    launched = all(name in os.environ for name in LAUNCHER_ENV)
-    if launched and not dist.is_initialized():
+    if not dist.is_initialized() and launched_job(os.environ):
         start()
     if not dist.is_initialized():
         dist.init_process_group(
@@ -95,15 +100,27 @@ def ensure_started():
             rank=0,
             world_size=1,
         )
-    _adopt()
+    adopt()
+
+
+def launched_job(environ):
+    """Whether a launcher started this process as one of a job of several
+    (torchrun's variables all set, or srun's or mpirun's)."""
+    launch = launchers.detect(environ)
+    if launch is None:
+        return False
+    if launch.launcher == "torchrun":
+        return all(name in environ for name in LAUNCHER_ENV)
+    return launch.world_size > 1
 
 
 _adopted = []
 
 
-def _adopt():
-    """Watches the running group for failures and ends it at exit, once,
-    whoever started it (this package, or the user before Keras)."""
+def adopt():
+    """Watches the running group for failures, seeds every rank alike
+    (`agree_on_random_seed`) and ends the group at exit, once, whoever
+    started it (this package, or the user before Keras)."""
     if _adopted:
         return
     watch = None
@@ -117,6 +134,8 @@ def _adopt():
     # The first collective of a kind sets gloo up for it (about a
     # millisecond); `all_equal` then costs its steady time in every `fit`.
     all_equal(0)
+    if world_size > 1:
+        agree_on_random_seed()
 
 
 def is_started():
@@ -180,6 +199,16 @@ def all_equal(number):
 
 
 @with_real_tensors
+def any_rank(flag):
+    """Whether `flag` is true on any rank: one all-reduce of one number."""
+    if not is_multi_process():
+        return bool(flag)
+    value = torch.tensor([int(bool(flag))], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=control_group())
+    return bool(value.item())
+
+
+@with_real_tensors
 def gather(value):
     """Every rank's `value` (any picklable object), in rank order."""
     if not is_multi_process():
@@ -210,14 +239,16 @@ def control_group():
 def bound_group(group):
     """Applies `KERAS_DISTRIBUTION_TIMEOUT` to `group` (torch gives a new
     group its backend's default instead)."""
-    dist.distributed_c10d._set_pg_timeout(collective_timeout(), group)
+    internals.set_group_timeout()(collective_timeout(), group)
 
 
 def process_group_settings(job_addresses, num_processes, process_id, environ):
-    """Resolves `initialize`'s arguments against the launcher's environment.
+    """Resolves `initialize`'s arguments against the launcher's environment
+    (torchrun, Slurm's `srun`, Open MPI's `mpirun`: `launchers.py`).
 
     Returns:
-        `Settings`.
+        `Settings`; its `local_rank` is None where neither the launcher nor
+        the addresses tell it (see `device_index`).
 
     Raises:
         ValueError: naming the missing or inconsistent values.
@@ -230,10 +261,11 @@ def process_group_settings(job_addresses, num_processes, process_id, environ):
             f"job_addresses lists {len(addresses)} processes "
             f"({job_addresses!r}) but num_processes={num_processes}."
         )
-    world_size = _argument_or_environ(
-        "num_processes", num_processes, "WORLD_SIZE", environ
+    launch = launchers.detect(environ)
+    world_size = _argument_or_launch(
+        "num_processes", num_processes, launch, "world_size"
     )
-    rank = _argument_or_environ("process_id", process_id, "RANK", environ)
+    rank = _argument_or_launch("process_id", process_id, launch, "rank")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(
             f"process_id must be in [0, num_processes); got "
@@ -245,17 +277,24 @@ def process_group_settings(job_addresses, num_processes, process_id, environ):
                 f"The coordinator address {addresses[0]!r} must be 'host:port'."
             )
         init_method = f"tcp://{addresses[0]}"
+    elif launch is not None and launch.coordinator is not None:
+        init_method = f"tcp://{launch.coordinator}"
     elif "MASTER_ADDR" in environ and "MASTER_PORT" in environ:
         init_method = "env://"
     else:
         raise ValueError(
             "initialize() needs the coordinator's address: pass "
             "job_addresses='host:port', or set MASTER_ADDR and MASTER_PORT "
-            "(torchrun does)."
+            "(torchrun does; under srun the step's first node is used)."
         )
-    local_rank = local_rank_of(environ)
-    if local_rank is None:
-        local_rank = rank  # One host.
+    local_rank = launch.local_rank if launch is not None else None
+    if local_rank is None and len(addresses) == world_size > 1:
+        # Every process's address: the local rank is this host's count of
+        # processes listed before this one.
+        host = addresses[rank].rpartition(":")[0]
+        local_rank = [a.rpartition(":")[0] for a in addresses[:rank]].count(
+            host
+        )
     return Settings(init_method, world_size, rank, local_rank)
 
 
@@ -267,29 +306,62 @@ def local_rank_of(environ):
     return None
 
 
-def select_device(local_rank=None):
-    """On CUDA, makes GPU `local_rank` (by default the launcher's local
-    rank) this process's current device and returns it; None on CPU or
-    without a local rank.
+def device_index(local_rank, visible_gpus, rank=None, world_size=None):
+    """The index of the GPU this process drives, among the visible ones.
+
+    One visible GPU is the process's own, whatever its local rank (Slurm's
+    `--gpus-per-task=1`, schedulers that set `CUDA_VISIBLE_DEVICES` per
+    rank). Otherwise the local rank picks it; without one, the global rank
+    does where the whole job fits this host's GPUs (one host).
 
     Raises:
-        ValueError: when this host has fewer visible GPUs than processes.
+        ValueError: when the local rank is not below the visible GPUs, or
+            is unknown on a job larger than this host.
     """
+    if visible_gpus == 1:
+        return 0
     if local_rank is None:
-        local_rank = local_rank_of(os.environ)
-    if local_rank is None or not torch.cuda.is_available():
-        return None
-    count = torch.cuda.device_count()
-    if local_rank >= count:
+        if rank is not None and world_size is not None:
+            if world_size <= visible_gpus:
+                return rank
+        raise ValueError(
+            f"This process (rank {rank} of {world_size}) cannot tell which "
+            f"of its host's {visible_gpus} GPUs to drive: its launcher set no "
+            "local rank. Set LOCAL_RANK to its rank among the processes "
+            "on its host (torchrun, srun and mpirun set one), or pass every "
+            "process's address to initialize(job_addresses='h0:p,h0:p,"
+            "h1:p,...')."
+        )
+    if local_rank >= visible_gpus:
         raise ValueError(
             f"This process has local rank {local_rank} but its host has "
-            f"{count} visible GPUs (CUDA_VISIBLE_DEVICES="
+            f"{visible_gpus} visible GPUs (CUDA_VISIBLE_DEVICES="
             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): one "
-            f"process drives one GPU. Start at most {count} processes per "
-            f"host (torchrun --nproc_per_node {count})."
+            f"process drives one GPU. Start at most {visible_gpus} processes "
+            f"per host (torchrun --nproc_per_node {visible_gpus})."
         )
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    return local_rank
+
+
+def select_device(local_rank=None, rank=None, world_size=None):
+    """On CUDA, makes this process's GPU (`device_index`; by default from
+    the launcher's local rank) its current device and returns it; None on
+    CPU, or under no launcher without arguments.
+
+    Raises:
+        ValueError: see `device_index`.
+    """
+    if local_rank is None and rank is None:
+        local_rank = local_rank_of(os.environ)
+        if local_rank is None:
+            return None
+    if not torch.cuda.is_available():
+        return None
+    index = device_index(
+        local_rank, torch.cuda.device_count(), rank, world_size
+    )
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def collective_timeout():
@@ -322,11 +394,12 @@ def check_running_group(num_processes, process_id):
     uses_cuda = torch.cuda.is_available() and "nccl" in dist.get_backend()
     if uses_cuda and local_rank is not None:
         current = torch.cuda.current_device()
-        if current != local_rank:
+        index = device_index(local_rank, torch.cuda.device_count())
+        if current != index:
             raise ValueError(
                 f"The process group runs on CUDA, and this process has local "
                 f"rank {local_rank}, but its current device is cuda:"
-                f"{current}. Call torch.cuda.set_device({local_rank}) before "
+                f"{current}. Call torch.cuda.set_device({index}) before "
                 "init_process_group (or let keras.distribution.initialize() "
                 "start the group), so that each process drives its own GPU."
             )
@@ -461,18 +534,24 @@ def _coordinator(settings):
     return f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
 
 
-def _argument_or_environ(argument_name, value, environ_name, environ):
-    environ_value = environ.get(environ_name)
-    if value is None and environ_value is None:
+def _argument_or_launch(argument_name, value, launch, field):
+    """`initialize`'s argument `value`, or the launcher's; both must agree."""
+    launched = None if launch is None else getattr(launch, field)
+    if value is None and launched is None:
         raise ValueError(
             f"initialize() needs {argument_name}: pass it, or launch with "
-            f"torchrun, which sets {environ_name}."
+            "torchrun, srun or mpirun, which set it (RANK and WORLD_SIZE, "
+            "SLURM_PROCID and SLURM_STEP_NUM_TASKS, OMPI_COMM_WORLD_RANK "
+            "and OMPI_COMM_WORLD_SIZE)."
         )
     if value is None:
-        return int(environ_value)
-    if environ_value is not None and int(environ_value) != value:
+        return launched
+    if launched is not None and launched != value:
+        variable = (
+            launch.rank_variable if field == "rank" else launch.size_variable
+        )
         raise ValueError(
             f"initialize({argument_name}={value}) disagrees with the "
-            f"launcher's {environ_name}={environ_value}."
+            f"launcher's {variable}={launched} ({launch.launcher})."
         )
-    return int(value)
+    return value

@@ -39,12 +39,13 @@ class ProcessGroupSettingsTest(testing.TestCase):
     def test_from_arguments(self):
         self.assertEqual(
             self.settings("10.0.0.1:1234", 4, 3),
-            ("tcp://10.0.0.1:1234", 4, 3, 3),
+            ("tcp://10.0.0.1:1234", 4, 3, None),
         )
 
     def test_address_list_gives_count(self):
         settings = self.settings("10.0.0.1:1234,10.0.0.2:2345", None, 1)
-        self.assertEqual(settings, ("tcp://10.0.0.1:1234", 2, 1, 1))
+        # Two hosts: the second process is the first on its host.
+        self.assertEqual(settings, ("tcp://10.0.0.1:1234", 2, 1, 0))
 
     def test_arguments_agreeing_with_environment(self):
         settings = self.settings(None, 2, 1, self.TORCHRUN)
@@ -127,6 +128,11 @@ class DeviceSelectionTest(testing.TestCase):
             device, selected = self.select(4, {name: "3"})
             self.assertEqual(device, torch.device("cuda", 3))
             self.assertEqual(selected, [3])
+
+    def test_one_visible_gpu_is_taken_whatever_the_local_rank(self):
+        # Slurm's --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per rank.
+        device, selected = self.select(1, {"SLURM_LOCALID": "3"})
+        self.assertEqual((device, selected), (torch.device("cuda", 0), [0]))
 
     def test_no_launcher_selects_nothing(self):
         self.assertEqual(self.select(4, {}), (None, []))

@@ -175,6 +175,20 @@ KERAS_REPLACED = (
         "callback_list",
         None,
     ),
+    *(
+        (
+            "keras.src.callbacks.callback_list",
+            f"CallbackList.{hook}",
+            "callback_list",
+            None,
+        )
+        for hook in (
+            "on_train_batch_end",
+            "on_epoch_end",
+            "on_test_batch_end",
+            "on_predict_batch_end",
+        )
+    ),
     (
         "keras.src.utils.summary_utils",
         "print_summary",
