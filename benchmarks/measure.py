@@ -53,6 +53,10 @@ class CollectiveCounter(TorchDispatchMode):
         super().__init__()
         self.count = 0
         self.bytes = 0
+        # Collectives between steps (the ranks' agreement on whether any
+        # stops, after the batch-end callbacks): counted apart.
+        self.in_step = True
+        self.between_steps = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(t is not torch.Tensor for t in types):
@@ -62,6 +66,9 @@ class CollectiveCounter(TorchDispatchMode):
             func.namespace in self.NAMESPACES
             and name not in self.NOT_COLLECTIVES
         ):
+            if not self.in_step:
+                self.between_steps += 1
+                return func(*args, **(kwargs or {}))
             self.count += 1
             self.bytes += sum(
                 t.numel() * t.element_size()
@@ -82,6 +89,7 @@ class Steps:
         self.last = None
 
     def begin(self, step):
+        self.counter.in_step = True
         if step == 0:
             self.last = time.perf_counter()
             if self.counting:
@@ -91,6 +99,7 @@ class Steps:
         now = time.perf_counter()
         self.times.append(now - self.last)
         self.last = now
+        self.counter.in_step = False
         if self.counting:
             self.counted += 1
             if step == steps - 1:
@@ -101,6 +110,8 @@ class Steps:
             step_ms=1000 * statistics.median(self.times[warmup:]),
             steps=len(self.times) - warmup,
             collectives_per_step=self.counter.count / self.counted,
+            collectives_between_steps=self.counter.between_steps
+            / max(self.counted - 1, 1),
             collective_bytes_per_step=self.counter.bytes / self.counted,
         )
 

@@ -29,6 +29,11 @@ last line one JSON object of ratios, each between two numbers of this run:
   (`docs/performance.md`).
 - `data_check_ratio_vs_short_fit`: the check that every rank passed the
   same arrays, against a short `fit` (`data_check.py`).
+- `stop_agreement_share_of_dp_mlp_step`: the ranks' agreement on whether
+  any stops, after each step's batch-end callbacks (one all-reduce of one
+  number), over the data-parallel MLP's step time;
+  `dp_collectives_between_steps`: how many collectives run between two
+  steps (that agreement).
 
 Every process runs one thread (`torch.set_num_threads(1)`): on this
 machine's 2 cores, 2 ranks get one core each, and so does the baseline.
@@ -265,6 +270,13 @@ def main():
     summary["data_check_ratio_vs_short_fit"] = (
         check["data_check_ms"] / check["short_fit_ms"]
     )
+    dp_mlp = find(results, mode="distributed", side="keras", case="dp_mlp")
+    summary["stop_agreement_share_of_dp_mlp_step"] = (
+        check["stop_agreement_ms"] / dp_mlp["step_ms"]
+    )
+    summary["dp_collectives_between_steps"] = dp_mlp[
+        "collectives_between_steps"
+    ]
     print(table(results))
     print(json.dumps(summary))
 

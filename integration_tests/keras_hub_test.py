@@ -91,15 +91,28 @@ def generated(model_name, distribution_name):
         keras.utils.set_random_seed(0)
         _set_distribution(distribution_name, backbone_class)
         lm = causal_lm(model_name, key_value_heads)
-        # Every sampler; stop tokens and `jit_compile` with one of them
-        # (generation is never compiled on torch: KerasHub runs it eagerly).
-        runs = [(sampler, False, None) for sampler in SAMPLERS]
-        runs += [("top_k", False, (7,)), ("top_k", True, None)]
-        for sampler, jit_compile, stop in runs:
+        # Every sampler; `jit_compile` with one of them (generation is
+        # never compiled on torch: KerasHub runs it eagerly).
+        runs = [(sampler, False) for sampler in SAMPLERS]
+        runs += [("top_k", True)]
+        for sampler, jit_compile in runs:
             lm.compile(sampler=_sampler(sampler), jit_compile=jit_compile)
-            out = lm.generate(PROMPTS, stop_token_ids=stop)
-            key = (key_value_heads, sampler, jit_compile, stop)
+            out = lm.generate(PROMPTS, stop_token_ids=None)
+            key = (key_value_heads, sampler, jit_compile, None)
             results[str(key)] = np.asarray(out["token_ids"]).tolist()
+        # Stop tokens: the first prompt's third new token becomes the stop
+        # token, so that generation really stops there.
+        unstopped = results[str((key_value_heads, "top_k", False, None))]
+        start = int(PROMPTS["padding_mask"][0].sum())
+        stop = unstopped[0][start + 2]
+        lm.compile(sampler=_sampler("top_k"))
+        out = lm.generate(PROMPTS, stop_token_ids=(stop,))
+        tokens = np.asarray(out["token_ids"]).tolist()
+        mask = np.asarray(out["padding_mask"]).tolist()
+        results[str((key_value_heads, "top_k", False, "stop"))] = tokens
+        results[f"{key_value_heads} stops at"] = _cut_after(
+            mask[0], unstopped[0], stop, start
+        )
         if key_value_heads == 2:
             # (batch, layers, key|value, length, heads, head_dim)
             _, cache = lm._build_cache(
@@ -112,6 +125,17 @@ def generated(model_name, distribution_name):
                 )
         keras.distribution.set_distribution(None)
     return results, cache_layout
+
+
+def _cut_after(mask, unstopped, stop, start):
+    """Where a row generated with stop token `stop` ends, if its padding
+    mask `mask` ends right after the stop token's first new occurrence in
+    `unstopped` (the same row generated without a stop token); else None.
+    (KerasHub leaves the tokens after a stop in place, masked out.)"""
+    index = unstopped.index(stop, start)
+    if all(mask[: index + 1]) and not any(mask[index + 1 :]):
+        return index
+    return None
 
 
 def scored(distribution_name):
@@ -167,6 +191,9 @@ class GenerateTest(testing.TestCase):
             model_name,
             distribution_name,
         )
+        for key_value_heads in (1, 2):
+            # The stop token cut the first row where it first appeared.
+            self.assertIsNotNone(expected[f"{key_value_heads} stops at"])
         for tokens, cache_layout in results:
             self.assertEqual(tokens, expected)
             if distribution_name == "1x2":

@@ -163,9 +163,27 @@ def train_with_dropout():
     return history.history["loss"], replicated
 
 
-def plain_keras_reference():
-    """`train("transformer", None, OPTIMIZERS)` by Keras without this
-    package, in a fresh interpreter."""
+def reference_keys():
+    """Every single-process reference the parity tests compare against:
+    each model name, each KerasHub backbone, and the transformer with each
+    optimizer option (as `"transformer/<option>"`)."""
+    keys = list(MODEL_NAMES) + ["gemma", "llama"]
+    return keys + [f"transformer/{option}" for option in OPTIMIZER_OPTIONS]
+
+
+def compute_reference(key):
+    """Reference `key` of `reference_keys`, computed without distribution."""
+    if key in ("gemma", "llama"):
+        return train_backbone(key, None)
+    if "/" in key:
+        _, option = key.split("/")
+        return train("transformer", None, ("adam",), OPTIMIZER_OPTIONS[option])
+    return train(key, None, OPTIMIZERS)
+
+
+def plain_keras_references():
+    """Every reference, computed by Keras without this package, in a fresh
+    interpreter (`plain_keras_reference.py`)."""
     script = os.path.join(os.path.dirname(__file__), "plain_keras_reference.py")
     env = dict(
         os.environ,
@@ -178,7 +196,7 @@ def plain_keras_reference():
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     if result.returncode != 0:
         raise AssertionError(result.stderr[-3000:])
@@ -186,12 +204,17 @@ def plain_keras_reference():
 
 
 class ParityTest(testing.TestCase):
-    references = {}
+    plain = None
 
-    def reference(self, key, body, *args):
-        if key not in self.references:
-            (self.references[key],) = run_on_processes(1, body, *args)
-        return self.references[key]
+    def reference(self, key):
+        """Reference `key`, as plain Keras computed it, with nothing of this
+        package in place (checked once)."""
+        if ParityTest.plain is None:
+            plain = plain_keras_references()
+            self.assertFalse(plain["grafted"])
+            self.assertEqual(plain["edited"], [])
+            ParityTest.plain = plain["references"]
+        return ParityTest.plain[key]
 
     def assert_ranks_match(self, results, expected):
         for rank, result in enumerate(results):
@@ -199,22 +222,17 @@ class ParityTest(testing.TestCase):
 
     def test_reference_equals_plain_keras(self):
         # The single-process side of every parity test is Keras's own
-        # numbers: this package changes nothing without a distribution.
-        plain = plain_keras_reference()
-        self.assertFalse(plain["grafted"])
-        expected = self.reference(
-            "transformer", train, "transformer", None, OPTIMIZERS
-        )
-        self.assertEqual(plain["histories"], expected)
+        # numbers, and this package changes none of them without a
+        # distribution: its own single-process run gives them too.
+        (ours,) = run_on_processes(1, compute_reference, "transformer")
+        self.assertEqual(ours, self.reference("transformer"))
 
     @parameterized.product(
         model_name=MODEL_NAMES,
         distribution_name=("data", "model", "model_1d", "2d"),
     )
     def test_keras_models(self, model_name, distribution_name):
-        expected = self.reference(
-            model_name, train, model_name, None, OPTIMIZERS
-        )
+        expected = self.reference(model_name)
         results = run_on_processes(
             PROCESSES[distribution_name],
             train,
@@ -229,7 +247,7 @@ class ParityTest(testing.TestCase):
 
     @parameterized.product(name=("gemma", "llama"), mesh_shape=((1, 2), (2, 2)))
     def test_keras_hub_backbones(self, name, mesh_shape):
-        expected = self.reference(name, train_backbone, name, None)
+        expected = self.reference(name)
         results = run_on_processes(
             mesh_shape[0] * mesh_shape[1], train_backbone, name, mesh_shape
         )
@@ -248,10 +266,7 @@ class ParityTest(testing.TestCase):
     )
     def test_optimizer_options(self, option, distribution_name):
         options = OPTIMIZER_OPTIONS[option]
-        key = ("transformer", option)
-        expected = self.reference(
-            key, train, "transformer", None, ("adam",), options
-        )
+        expected = self.reference(f"transformer/{option}")
         results = run_on_processes(
             PROCESSES[distribution_name],
             train,

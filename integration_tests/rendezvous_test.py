@@ -29,11 +29,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_processes(address, process_ids):
+def start_processes(address, process_ids, **environ):
     return [
         subprocess.Popen(
             [sys.executable, SCRIPT, address, "2", str(process_id)],
-            env=ENV,
+            env=dict(ENV, **environ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -106,3 +106,18 @@ class RendezvousTest(testing.TestCase):
             self.assertNotEqual(status, 0, stderr)
             self.assertLess(seconds, BOUND_SECONDS, stderr)
             self.assertIn("process_id=0", stderr)
+
+    def test_a_network_interface_that_is_not_there(self):
+        # Across hosts, GLOO_SOCKET_IFNAME picks the interface gloo
+        # connects from; a wrong one fails at once, naming it.
+        results = finish(
+            start_processes(
+                f"127.0.0.1:{free_port()}", (0, 1), GLOO_SOCKET_IFNAME="nope0"
+            )
+        )
+        for status, seconds, stderr in results:
+            self.assertNotEqual(status, 0, stderr)
+            self.assertLess(seconds, BOUND_SECONDS, stderr)
+            self.assertIn(
+                "GLOO_SOCKET_IFNAME='nope0' names no network interface", stderr
+            )

@@ -3,7 +3,8 @@ budget that only rank 0 keeps. Every rank must stop at the same step, and
 the job exit 0.
 
 Usage: torchrun --nproc_per_node 2 stopping_fit.py
-Each rank prints one JSON line: the epochs and batches each fit ran.
+Rank 0 prints one JSON line: per rank, the epochs and batches each fit
+ran.
 """
 
 import json
@@ -66,4 +67,7 @@ bad = y.copy()
 bad[20] = np.nan  # The third batch's loss is NaN.
 ran["nan"] = fit(x, bad, keras.callbacks.TerminateOnNaN())
 ran["time budget"] = fit(x, y, RankZeroTimeBudget(0.0), epochs=50)
-print(json.dumps(ran), flush=True)
+every_rank = [None] * dist.get_world_size()
+dist.all_gather_object(every_rank, ran)
+if dist.get_rank() == 0:
+    print(json.dumps(every_rank), flush=True)

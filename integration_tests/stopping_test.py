@@ -23,12 +23,12 @@ class StoppingLaunchTest(testing.TestCase):
             timeout=300,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
-        reports = [
+        (reports,) = [
             json.loads(line)
             for line in result.stdout.splitlines()
-            if line.startswith("{")
+            if line.startswith("[")
         ]
-        self.assertLen(reports, 2)  # Every rank prints here.
+        self.assertLen(reports, 2)  # One per rank.
         self.assertEqual(reports[0], reports[1])
         self.assertEqual(
             reports[0],

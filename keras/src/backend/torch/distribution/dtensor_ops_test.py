@@ -206,6 +206,23 @@ def argmax_over_a_split_dim():
     ]
 
 
+def scalars_read_from_split_tensors():
+    """Python numbers read from DTensors split over 2 ranks: a mask's
+    `any` (a partial sum), a sum, one element of rank 0's block."""
+    torch_edits.apply_distribution_scope()
+    mesh = _torch_mesh((2,))
+    x = torch.tensor([[1.0], [1.0], [-1.0], [-1.0]])
+    split = _distributed(x, mesh, [Shard(0)])
+    positive = split > 0
+    return [
+        bool(torch.any(positive)),
+        bool(torch.any(~positive)),
+        bool(keras.ops.any(positive)),
+        split.sum().item(),
+        split[0, 0].item(),
+    ]
+
+
 def implicit_replication_restores():
     flag = torch._C._get_dtensor_allow_implicit_replication
     torch._C._set_dtensor_allow_implicit_replication(False)
@@ -298,6 +315,13 @@ class DTensorOpsTest(testing.TestCase):
     def test_argmax_along_a_split_dim(self):
         for result in run_on_processes(4, argmax_over_a_split_dim):
             self.assertEqual(result, [True, True])
+
+    def test_a_number_read_from_a_dtensor_is_its_global_value(self):
+        # DTensor read each rank's block: rank 0 saw no negative row, rank
+        # 1 no positive one, and `if ops.any(mask):` took different
+        # branches on the two ranks.
+        for read in run_on_processes(2, scalars_read_from_split_tensors):
+            self.assertEqual(read, [True, True, True, 0.0, 1.0])
 
     def test_implicit_replication_restores_the_flag(self):
         for seen in run_on_processes(1, implicit_replication_restores):

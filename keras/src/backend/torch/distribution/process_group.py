@@ -61,6 +61,21 @@ PRINT_ALL_RANKS_ENV = "KERAS_DISTRIBUTION_PRINT_ALL_RANKS"
 # package gives up on it (see `_bounded_rendezvous`).
 RENDEZVOUS_MARGIN_SECONDS = 5
 
+# What gloo and the store say when a process cannot reach another.
+CONNECTION_FAILURES = (
+    "connectFullMesh",
+    "Connection refused",
+    "No route to host",
+    "Network is unreachable",
+)
+INTERFACE_HINT = (
+    "gloo (which also carries the control traffic of CUDA jobs) connects "
+    "from the address the host's name resolves to, often 127.0.1.1 or a "
+    "container bridge: set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME on "
+    "GPUs) to the network interface the hosts share, e.g. eth0, on every "
+    "host"
+)
+
 # How long the exit handler releases the GIL for gloo's worker threads.
 GIL_RELEASE_AT_EXIT_SECONDS = 0.05
 
@@ -501,9 +516,9 @@ def _bounded_rendezvous(settings, device, timeout):
             f"({TIMEOUT_ENV}) and {RENDEZVOUS_MARGIN_SECONDS} s. Likely "
             "causes: another program, not a torch process group, is "
             "listening on that port; some processes never "
-            "started; or the processes disagree on num_processes or "
+            "started; the processes disagree on num_processes or "
             "process_id (each process needs its own; one needs "
-            "process_id=0)."
+            f"process_id=0); or, across hosts, {INTERFACE_HINT}."
         )
     error = outcome["error"]
     text = str(error)
@@ -513,11 +528,23 @@ def _bounded_rendezvous(settings, device, timeout):
             "program or by another process also given process_id=0. "
             "Choose a free port (MASTER_PORT, or job_addresses)"
         )
+    elif "Unable to find address" in text:
+        cause = (
+            f"GLOO_SOCKET_IFNAME={os.environ.get('GLOO_SOCKET_IFNAME')!r} "
+            "names no network interface of this host. Set it to the "
+            "interface the hosts share (`ip addr` lists them), or unset it"
+        )
+    elif any(sign in text for sign in CONNECTION_FAILURES):
+        cause = (
+            f"the processes could not connect to each other. Across hosts, "
+            f"{INTERFACE_HINT}"
+        )
     elif "timed out" in text or "timeout" in text.lower():
         cause = (
             f"nothing answered at {where} within {seconds:.0f} s: process 0 "
             "never started there, or no process was given process_id=0 "
-            "(each process needs its own process_id)"
+            "(each process needs its own process_id); or, across hosts, "
+            f"{INTERFACE_HINT}"
         )
     else:
         raise error

@@ -124,6 +124,7 @@ TORCH_USED = (
     ("torch.distributed.tensor", "DTensor._local_tensor"),
     ("torch.distributed.tensor._dtensor_spec", "DTensorSpec"),
     ("torch.distributed.tensor._op_schema", "OpSchema"),
+    ("torch.distributed.tensor._op_schema", "OutputSharding"),
     ("torch.distributed.tensor._op_schema", "RuntimeSchemaInfo"),
     ("torch.distributed.tensor._ops.utils", "expand_to_full_mesh_op_strategy"),
     ("torch.distributed.tensor.placement_types", "_MaskPartial"),

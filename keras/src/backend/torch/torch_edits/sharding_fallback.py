@@ -18,6 +18,11 @@ that every op Keras's layers run works on DTensors:
 - A view of a sharded tensor that must be redistributed first runs as a
   reshape: a view valid on the global tensor can be invalid on a local
   block whose strides differ (seen in einsum's backward).
+- A Python number read from a DTensor (`item()`, `bool()`, as in `if
+  ops.any(mask):`) is its global value: DTensor read the local block, so
+  a reduction left pending (`torch.any` of a split mask is a partial sum)
+  gave each rank its own answer, and ranks then ran different programs.
+  The tensor is replicated first.
 
 Scope: `Scope.DISTRIBUTION`. Every op that fell back is added to
 `fallback_ops`, for tests and curious users.
@@ -27,6 +32,7 @@ import torch
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor._op_schema import OpSchema
+from torch.distributed.tensor._op_schema import OutputSharding
 from torch.distributed.tensor.experimental import register_sharding
 
 from keras.src.backend.torch.torch_edits import Edit
@@ -48,6 +54,8 @@ def _propagate_with_fallback(propagate):
     nesting = []  # DTensor propagates the sub-ops of decompositions here too.
 
     def propagate_op_sharding_non_cached(op_schema):
+        if op_schema.op is aten._local_scalar_dense.default:
+            return _read_replicated(propagate, op_schema)
         nesting.append(op_schema.op)
         try:
             return _reshape_sharded_views(propagate(op_schema))
@@ -68,6 +76,20 @@ def _propagate_with_fallback(propagate):
             nesting.pop()
 
     return propagate_op_sharding_non_cached
+
+
+def _read_replicated(propagate, op_schema):
+    """A scalar read from a DTensor, after replicating it."""
+    (spec,) = op_schema.args_schema[:1]
+    if all(p.is_replicate() for p in spec.placements):
+        return propagate(op_schema)
+    schema = OpSchema(
+        op_schema.op,
+        (_replicated_spec(spec),) + tuple(op_schema.args_schema[1:]),
+        op_schema.kwargs_schema,
+        schema_info=op_schema.schema_info,
+    )
+    return OutputSharding(None, schema, needs_redistribute=True)
 
 
 def _cached_again(upstream):

@@ -92,6 +92,16 @@ class LocalBlock(tuple):
     def __reduce__(self):  # Crosses from loader workers by pickle.
         return (LocalBlock, (tuple(self), self.global_rows))
 
+    def pin_memory(self):
+        """The block with its tensors in pinned memory: what a
+        `DataLoader(pin_memory=True)` calls (it cannot rebuild a tuple
+        subclass that needs its global size)."""
+        items = torch.utils._pytree.tree_map(
+            lambda x: x.pin_memory() if isinstance(x, torch.Tensor) else x,
+            list(self),
+        )
+        return LocalBlock(items, self.global_rows)
+
 
 # Keras maps over batches with torch's pytree: a `LocalBlock` is a node
 # whose children are its items and whose context is its global size.

@@ -10,15 +10,16 @@ all-reduce it three times, all after backward ends. Two remedies:
   (see `local_replicas`), does what `DistributedDataParallel` does. Weights
   are grouped, in the reverse of their creation order (about the order
   their gradients appear), into buckets of at most `bucket_bytes`, the
-  first one small so communication starts early. A hook on each weight
-  launches a bucket's all-reduce as soon as its last gradient has
+  first one small so communication starts early. Each gradient is a view
+  of its bucket's buffer, into which backward accumulates. A hook on each
+  weight launches a bucket's all-reduce as soon as its last gradient has
   accumulated, while backward goes on; at the end of backward every bucket
-  is waited for and each gradient becomes its view of the reduced bucket.
-  Buckets launch strictly in order, so every rank issues the same
-  collectives in the same order whatever order its hooks fire in. A
-  scalar handed to `carry` before backward rides in the last bucket: its
-  sum over ranks costs no collective of its own (`row_loss` sends the
-  step's loss this way).
+  is waited for. Buckets launch strictly in order, and each is the same
+  size on every rank whatever gradients the rank has (zeros stand in), so
+  every rank issues the same collectives in the same order. A scalar
+  handed to `carry` before backward rides in the last bucket: its sum over
+  ranks costs no collective of its own (`row_loss` sends the step's loss
+  this way).
 - `reduce_on_accumulation`, for DTensor weights, lays each gradient out
   like its weight when backward ends, in a fixed order: one reduction per
   weight.
@@ -37,6 +38,14 @@ BUCKET_BYTES = 25 * 1024 * 1024
 
 class GradientBuckets:
     """Sums the gradients of plain `weights` over `group`, bucketed.
+
+    Each bucket is one flat buffer, made once, holding its weights'
+    gradients, then one count per weight (of the ranks that had its
+    gradient), then, in the last bucket, one slot for a carried scalar.
+    `start_step` zeroes the buffers and makes each weight's `.grad` its
+    view of them, so that backward accumulates into the buffers in place,
+    as `DistributedDataParallel(gradient_as_bucket_view=True)` does: no
+    gradient is held twice, and nothing is copied before the all-reduce.
 
     Args:
         weights: plain parameters, in creation order.
@@ -59,7 +68,7 @@ class GradientBuckets:
         self.bucket_of = {
             id(w): i for i, bucket in enumerate(self.buckets) for w in bucket
         }
-        self.buffers = [None] * len(self.buckets)
+        self.buffers, self.views = [], {}  # Made at the first step.
         self.enabled = True  # Off: gradients accumulate untouched.
         self.handles = [
             w.register_post_accumulate_grad_hook(self._on_gradient)
@@ -67,6 +76,20 @@ class GradientBuckets:
         ]
         self._reset()
         self.carrying = self.summed = None
+
+    def _make_buffers(self):
+        for index, bucket in enumerate(self.buckets):
+            numel = sum(w.numel() for w in bucket)
+            slots = len(bucket) + (index == len(self.buckets) - 1)
+            flat = torch.zeros(
+                numel + slots, dtype=bucket[0].dtype, device=bucket[0].device
+            )
+            self.buffers.append(flat)
+            offset = 0
+            for weight in bucket:
+                end = offset + weight.numel()
+                self.views[id(weight)] = flat[offset:end].view_as(weight)
+                offset = end
 
     def remove(self):
         """Detaches the hooks: gradients stay local."""
@@ -88,21 +111,32 @@ class GradientBuckets:
         return self.summed[0]
 
     def start_step(self):
-        """Turns the hooks on for a step. A step whose backward was cut
-        short (an exception in the loss or a hook, a caught CUDA
-        out-of-memory error) may have launched some buckets: they are
-        waited for and dropped, so that this step's collectives start
-        from the first bucket on every rank."""
-        for work, _, _ in self.launched:
+        """Turns the hooks on for a step, with every gradient a zeroed view
+        of its bucket. A step whose backward was cut short (an exception
+        in the loss or a hook, a caught CUDA out-of-memory error) may have
+        launched some buckets: they are waited for and dropped, so that
+        this step's collectives start from the first bucket on every
+        rank."""
+        for work, *_ in self.launched:
             if work is not None:
                 work.wait()
         self._reset()
+        if not self.buffers:
+            self._make_buffers()
+        for flat in self.buffers:
+            flat.zero_()
+        for bucket in self.buckets:
+            for weight in bucket:
+                weight.grad = self.views[id(weight)]
         self.carrying = self.summed = None
         self.enabled = True
 
     def _reset(self):
         self.ready = [0] * len(self.buckets)
-        self.launched = []  # (work, flat buffer, weights) per bucket.
+        # (work, flat buffer, weights, positions of the weights without a
+        # gradient on this rank) per bucket.
+        self.launched = []
+        self.arrived = set()  # ids of the weights whose gradient came.
         self.finishing = False
 
     # The hooks run eagerly even inside a step compiled whole: backward
@@ -117,6 +151,7 @@ class GradientBuckets:
             torch.autograd.Variable._execution_engine.queue_callback(
                 self._finish
             )
+        self.arrived.add(id(weight))
         self.ready[self.bucket_of[id(weight)]] += 1
         while len(self.launched) < len(self.buckets):
             index = len(self.launched)
@@ -128,46 +163,61 @@ class GradientBuckets:
         """All-reduces bucket `index`: in the background while gradients
         are still to come, in this thread for the last bucket, where
         waiting on a background collective costs a thread wake-up (about
-        3 ms for a small bucket on a busy 2-core CPU host, measured)."""
-        last = index == len(self.buckets) - 1
-        weights = [w for w in self.buckets[index] if w.grad is not None]
-        carried = self.carrying if last else None
-        if carried is not None and weights:
-            if weights[0].grad.dtype != carried.dtype:
-                carried = None  # Sent on its own by `carried()`.
-        if not weights and carried is None:
-            self.launched.append((None, None, weights))
-            return
-        pieces = [w.grad.reshape(-1) for w in weights]
-        if carried is not None:
-            pieces.append(carried)
-            self.carrying = None
-        size = sum(piece.numel() for piece in pieces)
+        3 ms for a small bucket on a busy 2-core CPU host, measured).
+
+        Every rank sends the same bucket whatever gradients it has: a
+        weight without a gradient on this rank (a branch its rows did not
+        take, an expert none of them was routed to) sends zeros and a
+        count of 0, so that a weight no rank had a gradient for keeps
+        none, as on one process. Collectives then match in number, order
+        and size on every rank, which NCCL needs as much as gloo."""
+        if not self.buffers:
+            self._make_buffers()
+        weights = self.buckets[index]
         flat = self.buffers[index]
-        if flat is None or flat.numel() != size:
-            first = pieces[0]
-            flat = torch.empty(size, dtype=first.dtype, device=first.device)
-            self.buffers[index] = flat  # Kept: no allocation per step.
-        torch.cat(pieces, out=flat)
+        missing = []
+        for position, weight in enumerate(weights):
+            view = self.views[id(weight)]
+            if id(weight) not in self.arrived:
+                missing.append(position)
+                view.zero_()
+            elif weight.grad is not view:
+                # Not accumulated in place (a step without `start_step`).
+                view.copy_(weight.grad)
+        numel = sum(w.numel() for w in weights)
+        counts = flat[numel : numel + len(weights)]
+        counts.fill_(1)
+        if missing:
+            counts[missing] = 0
+        last = index == len(self.buckets) - 1
+        carried = self.carrying if last else None
+        if last:
+            slot = flat[-1:]
+            if carried is not None and carried.dtype == flat.dtype:
+                slot.copy_(carried)
+                self.carrying = None
+                self.summed = slot
+            else:
+                slot.zero_()  # Sent on its own by `carried()`.
         work = dist.all_reduce(flat, group=self.group, async_op=not last)
-        self.launched.append((work, flat, weights))
-        if carried is not None:
-            self.summed = flat[-1:]
+        self.launched.append((work, flat, weights, missing))
 
     @torch.compiler.disable
     def _finish(self):
         for index in range(len(self.launched), len(self.buckets)):
             self._launch(index)  # Weights whose gradient never came.
-        for work, flat, weights in self.launched:
-            if flat is None:
-                continue
+        for work, flat, weights, missing in self.launched:
             if work is not None:
                 work.wait()
-            offset = 0
-            for weight in weights:
-                size = weight.numel()
-                weight.grad = flat[offset : offset + size].view_as(weight)
-                offset += size
+            nowhere = set()
+            if missing:  # Read back only here: a host synchronization.
+                counts = flat[sum(w.numel() for w in weights) :]
+                had = counts[missing].tolist()
+                nowhere = {p for p, count in zip(missing, had) if not count}
+            for position, weight in enumerate(weights):
+                weight.grad = (
+                    None if position in nowhere else self.views[id(weight)]
+                )
         self._reset()
 
 

@@ -78,6 +78,72 @@ def partial_gradient_relaid(axis_sizes):
     return tuple(relaid.placements), relaid.to_local(), comm.get_total_counts()
 
 
+def gradient_on_some_ranks():
+    """Rank 0 alone uses an extra weight (a branch only its rows took):
+    the bucketed sums, the collectives each rank issued and their sizes,
+    next to per-tensor all-reduces of the same gradients."""
+    model = _model()
+    extra = torch.nn.Parameter(torch.ones(3))
+    weights = list(model.parameters()) + [extra]
+    buckets = gradient_buckets.GradientBuckets(
+        weights, dist.group.WORLD, 16, 16
+    )
+    buckets.start_step()
+    torch.manual_seed(dist.get_rank())
+    output = model(torch.randn(4, 6))
+    if dist.get_rank() == 0:
+        output = output * extra
+    with CommDebugMode() as comm:
+        output.square().sum().backward()
+    sizes = [flat.numel() for flat in buckets.buffers]
+    summed = {
+        name: p.grad.clone() for name, p in model.named_parameters()
+    }
+    extra_grad = extra.grad.clone()
+    # Expected: each gradient all-reduced alone, zeros where a rank had none.
+    for p in weights:
+        p.grad = None
+    buckets.remove()
+    torch.manual_seed(dist.get_rank())
+    output = model(torch.randn(4, 6))
+    if dist.get_rank() == 0:
+        output = output * extra
+    output.square().sum().backward()
+    expected = {}
+    for name, p in list(model.named_parameters()) + [("extra", extra)]:
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(grad)
+        expected[name] = grad
+    summed["extra"] = extra_grad
+    return comm.get_total_counts(), sizes, expected, summed
+
+
+def gradients_accumulate_in_the_buckets():
+    """Whether each gradient, as backward hands it over, is already its
+    view of the bucket buffer (nothing held twice, nothing copied)."""
+    model = _model()
+    weights = list(model.parameters())
+    buckets = gradient_buckets.GradientBuckets(
+        weights, dist.group.WORLD, 16, 16
+    )
+    in_place = []
+
+    def seen(weight):
+        flat = buckets.buffers[buckets.bucket_of[id(weight)]]
+        start = flat.untyped_storage().data_ptr()
+        end = start + flat.numel() * flat.element_size()
+        in_place.append(start <= weight.grad.data_ptr() < end)
+
+    # Registered after the buckets' hooks: runs after each of them.
+    for weight in weights:
+        weight.register_post_accumulate_grad_hook(seen)
+    for _ in range(2):  # Two steps: the buffers are reused.
+        buckets.start_step()
+        model(torch.randn(4, 6)).square().sum().backward()
+    buckets.remove()
+    return in_place
+
+
 class _FailsInBackward(torch.autograd.Function):
     """Identity whose backward raises: backward stops between layers, as
     when a CUDA out-of-memory error is caught."""
@@ -176,6 +242,24 @@ class GradientBucketsTest(testing.TestCase):
             self.assertLen(summed, 4)
             for name in expected:  # The others are summed all the same.
                 self.assertAllClose(summed[name], expected[name])
+
+    def test_a_gradient_on_some_ranks_only_keeps_buckets_equal(self):
+        results = run_on_processes(2, gradient_on_some_ranks)
+        (collectives, sizes, _, _), (other_collectives, other_sizes, _, _) = (
+            results
+        )
+        # The same collectives, of the same sizes, on both ranks.
+        self.assertEqual(collectives, other_collectives)
+        self.assertEqual(sizes, other_sizes)
+        for _, _, expected, summed in results:
+            self.assertEqual(sorted(summed), sorted(expected))
+            for name in expected:
+                self.assertAllClose(summed[name], expected[name])
+
+    def test_gradients_accumulate_in_the_bucket_buffers(self):
+        for in_place in run_on_processes(2, gradients_accumulate_in_the_buckets):
+            self.assertLen(in_place, 8)
+            self.assertTrue(all(in_place), in_place)
 
     def test_partial_gradient_reduced_once_per_axis_larger_than_one(self):
         placements, local, collectives = run_on_processes(

@@ -97,6 +97,21 @@ def against_dtensors(model_name, distribution):
 
 
 class LocalShardsTest(testing.TestCase):
+    def on_every_rank(self, results):
+        """Rank 0's result, after checking every other rank's against it:
+        the same numbers, routes and collectives."""
+        first = results[0]
+        for rank, result in enumerate(results[1:], start=1):
+            for mine, theirs in zip(result, first):
+                for key, value in mine.items():
+                    if key in ("losses", "evaluation", "predictions"):
+                        self.assertAllClose(
+                            value, theirs[key], rtol=1e-6, atol=1e-6
+                        )
+                    else:
+                        self.assertEqual(value, theirs[key], (rank, key))
+        return first
+
     def assertSameNumbers(self, result, single):
         self.assertAllClose(result["losses"], single["losses"], rtol=1e-5)
         self.assertAllClose(
@@ -107,9 +122,9 @@ class LocalShardsTest(testing.TestCase):
         )
 
     def test_megatron_blocks_run_on_local_shards(self):
-        local, single = run_on_processes(
+        local, single = self.on_every_rank(run_on_processes(
             2, against_one_process, "blocks", "model"
-        )[0]
+        ))
         self.assertEqual(local["route"], "LocalShards")
         self.assertEqual(
             local["verdicts"],
@@ -128,9 +143,9 @@ class LocalShardsTest(testing.TestCase):
         self.assertEqual(local["collectives"], {"all_reduce": 5})
 
     def test_the_same_collectives_as_on_dtensors(self):
-        local, dtensor = run_on_processes(
+        local, dtensor = self.on_every_rank(run_on_processes(
             2, against_dtensors, "blocks", "model"
-        )[0]
+        ))
         self.assertEqual(dtensor["route"], "NoneType")  # No local steps.
         self.assertEqual(dtensor["collectives"], local["collectives"])
         self.assertAllClose(local["losses"], dtensor["losses"], rtol=1e-6)
@@ -139,9 +154,9 @@ class LocalShardsTest(testing.TestCase):
         """On 1x2, every kind of step of `model_name` on local shards, with
         one process's numbers and `collectives` a training step, those of
         the same steps on DTensors through torch's styles."""
-        local, dtensor = run_on_processes(
+        local, dtensor = self.on_every_rank(run_on_processes(
             2, against_dtensors, model_name, "model"
-        )[0]
+        ))
         self.assertEqual(
             local["verdicts"],
             {"train": "local", "test": "local", "predict": "local"},
@@ -164,9 +179,9 @@ class LocalShardsTest(testing.TestCase):
         self.assertStylesRunLocally("torch_embedding", {"all_reduce": 1})
 
     def test_2d_mesh_sums_gradients_over_the_batch_axis(self):
-        local, single = run_on_processes(
+        local, single = self.on_every_rank(run_on_processes(
             4, against_one_process, "blocks", "2d"
-        )[0]
+        ))
         self.assertEqual(
             local["verdicts"]["train"], "local", str(local["faults"])
         )
@@ -188,9 +203,9 @@ class LocalShardsTest(testing.TestCase):
             "clipping": (("blocks", "model"), {"global_clipnorm": 1.0}),
         }
         for name, (args, options) in cases.items():
-            local, single = run_on_processes(
+            local, single = self.on_every_rank(run_on_processes(
                 2, _against_one_process_with, args, options
-            )[0]
+            ))
             self.assertEqual(local["verdicts"]["train"], "exact", name)
             self.assertNotEqual(local["faults"]["train"], [], name)
             self.assertEqual(
@@ -201,12 +216,12 @@ class LocalShardsTest(testing.TestCase):
     def test_jit_compile_under_model_parallel(self):
         # The MLP: its forward pass is one graph (Keras's attention breaks
         # graphs on torch, distributed or not), compiled in seconds.
-        local, single = run_on_processes(
+        local, single = self.on_every_rank(run_on_processes(
             2,
             _against_one_process_with,
             ("mlp", "model"),
             {"jit_compile": True},
-        )[0]
+        ))
         self.assertEqual(
             local["verdicts"]["train"], "local", str(local["faults"])
         )
