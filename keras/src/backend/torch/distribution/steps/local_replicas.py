@@ -53,6 +53,9 @@ from keras.src.backend.torch.distribution.steps import row_loss
 from keras.src.backend.torch.torch_edits import internals
 from keras.src.distribution import DataParallel
 
+# Resolved once, here: a lookup inside a compiled step (an import) would
+# break its graph.
+ALL_GATHER_INTO_ONE = internals.all_gather_into_one()
 # Why a model's steps keep the exact route after its first step of a kind.
 CHANGED_STATE = "non-trainable state changed, or losses added"
 
@@ -322,7 +325,7 @@ def gather_rows(local, sizes, group):
     padded = local.new_zeros((longest,) + tuple(local.shape[1:]))
     padded[: local.shape[0]] = local
     gathered = local.new_empty((longest * len(sizes),) + padded.shape[1:])
-    internals.all_gather_into_one()(gathered, padded, group=group)
+    ALL_GATHER_INTO_ONE(gathered, padded, group=group)
     pieces = [
         gathered[i * longest : i * longest + size]
         for i, size in enumerate(sizes)

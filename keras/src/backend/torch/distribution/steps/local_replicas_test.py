@@ -45,11 +45,20 @@ def _fit(
     state = route.state_of(model)
     replicas = state.replicas
     verdict = replicas.verdicts.get("train") if replicas else None
+    before_predict = _compile_counts()
     predictions = model.predict(x, batch_size=8, verbose=0)
+    predict_graphs, predict_breaks = np.subtract(
+        _compile_counts(), before_predict
+    )
     keras.distribution.set_distribution(None)
-    if jit_compile:  # Whether the step that ran was compiled, whole.
+    if jit_compile:  # Whether the steps that ran were compiled, whole.
         compiled = "train" in state.compiled_steps and graphs > 0
-        whole = bool(compiled and breaks == 0)
+        whole = bool(
+            compiled
+            and breaks == 0
+            and predict_graphs > 0
+            and predict_breaks == 0
+        )
         return history.history["loss"], predictions, verdict, whole
     return history.history["loss"], predictions, verdict
 
@@ -70,12 +79,15 @@ def _compile_counts():
     )
 
 
-def route_and_numbers(model_name, jit_compile=False, evaluate_first=False):
+def route_and_numbers(
+    model_name, jit_compile=False, evaluate_first=False, samples=30
+):
     return _fit(
         model_name,
         data_parallel=True,
         jit_compile=jit_compile,
         evaluate_first=evaluate_first,
+        samples=samples,
     )
 
 
@@ -101,8 +113,13 @@ def graphs_compiled_after_an_import():
     return graphs - before, after - graphs
 
 
-def single_process(model_name, evaluate_first=False):
-    return _fit(model_name, data_parallel=False, evaluate_first=evaluate_first)
+def single_process(model_name, evaluate_first=False, samples=30):
+    return _fit(
+        model_name,
+        data_parallel=False,
+        evaluate_first=evaluate_first,
+        samples=samples,
+    )
 
 
 def _fit_classifier(layers, data_parallel, x=None):
@@ -338,10 +355,14 @@ class LocalReplicasTest(testing.TestCase):
     def test_jit_compile_compiles_the_local_step_with_single_numbers(self):
         # Whole but for backward: the transformer's attention once broke
         # its forward pass into pieces, Keras's tree utilities its step.
-        # (The MLP's compiled steps run in the test below.)
-        expected_loss, expected_predictions, _ = single_process("transformer")
+        # (The MLP's compiled steps run in the test below.) Even batches:
+        # an uneven last one compiles each step a second time, with
+        # dynamic shapes (twice the time).
+        expected_loss, expected_predictions, _ = single_process(
+            "transformer", samples=32
+        )
         for loss, predictions, verdict, whole in run_on_processes(
-            2, route_and_numbers, "transformer", True
+            2, route_and_numbers, "transformer", True, False, 32
         ):
             self.assertEqual(verdict, "local")
             self.assertTrue(whole)
