@@ -35,17 +35,27 @@ def free_port(low=1024, high=65535):
 
 
 def run_processes(environments, *arguments):
-    """Starts the script once per environment; returns rank 0's report and
-    every process's (returncode, stderr)."""
+    """Runs the script once per environment, all at once (`run_commands`)."""
+    return run_commands(
+        [
+            ([sys.executable, SCRIPT, *arguments], environ)
+            for environ in environments
+        ]
+    )
+
+
+def run_commands(commands):
+    """Runs each `(command, env)` at once; returns the reports they print
+    and every process's (returncode, stderr)."""
     processes = [
         subprocess.Popen(
-            [sys.executable, SCRIPT, *arguments],
-            env=environ,
+            command,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for environ in environments
+        for command, env in commands
     ]
     outputs = [p.communicate(timeout=TIMEOUT) for p in processes]
     ends = [(p.returncode, err) for p, (_, err) in zip(processes, outputs)]
@@ -142,24 +152,7 @@ class LaunchersTest(testing.TestCase):
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={endpoint}",
         )
-        agents = [
-            subprocess.Popen(
-                command + ["--seed"],
-                env=ENV,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(2)
-        ]
-        outputs = [agent.communicate(timeout=TIMEOUT) for agent in agents]
-        ends = [(a.returncode, err) for a, (_, err) in zip(agents, outputs)]
-        reports = [
-            json.loads(line)
-            for out, _ in outputs
-            for line in out.splitlines()
-            if line.startswith("{")
-        ]
+        reports, ends = run_commands([(command + ["--seed"], ENV)] * 2)
         self.assert_one_process_numbers(reports, ends)
 
     def test_a_group_the_script_started_gets_equal_replicas(self):

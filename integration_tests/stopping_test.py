@@ -3,9 +3,8 @@ same step, and the job exits 0."""
 
 import json
 import os
-import subprocess
-import sys
 
+from integration_tests import torchrun
 from keras.src import testing
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "stopping_fit.py")
@@ -13,15 +12,7 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "stopping_fit.py")
 
 class StoppingLaunchTest(testing.TestCase):
     def test_stopped_fits_end_the_job_cleanly(self):
-        env = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
-        result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-            + ["--nproc_per_node=2", SCRIPT],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = torchrun(SCRIPT)
         self.assertEqual(result.returncode, 0, result.stderr)
         (reports,) = [
             json.loads(line)

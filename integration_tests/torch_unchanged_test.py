@@ -6,25 +6,15 @@ the example can tell."""
 
 import json
 import os
-import subprocess
-import sys
 
+from integration_tests import torchrun
 from keras.src import testing
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "torch_unchanged.py")
 
 
 def run_example(mode, *arguments):
-    env = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
-    env["KERAS_TORCH_DISTRIBUTION"] = mode
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        + ["--nproc_per_node=2", SCRIPT, *arguments],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = torchrun(SCRIPT, *arguments, KERAS_TORCH_DISTRIBUTION=mode)
     if result.returncode != 0:
         raise AssertionError(result.stdout + result.stderr)
     return json.loads(result.stdout.strip().splitlines()[-1])

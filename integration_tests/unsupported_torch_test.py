@@ -1,12 +1,11 @@
-"""Under a torch below the supported range (CI's torch 2.11 leg), `import
+"""Under a torch below the supported range (run by hand under torch 2.11), `import
 keras` says so in one line, and setting a distribution raises on every
 rank, naming the range and the fix, without a hang and without changing
 torch. Skipped under a supported torch."""
 
 import os
-import subprocess
-import sys
 
+from integration_tests import torchrun
 from keras.src import testing
 from keras.src.backend.torch.torch_edits import internals
 
@@ -20,15 +19,7 @@ class UnsupportedTorchTest(testing.TestCase):
             self.skipTest("the installed torch is supported")
 
     def test_a_distribution_is_refused_on_every_rank(self):
-        env = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
-        result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-            + ["--nproc_per_node=2", SCRIPT],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = torchrun(SCRIPT)
         self.assertNotEqual(result.returncode, 0)
         self.assertNotIn("trained", result.stdout)
         version = internals.installed_torch_version()

@@ -94,6 +94,9 @@ COMPANIONS = {
     "keras.src.utils.io_utils": (
         "keras.src.backend.torch.keras_edits.io_utils"
     ),
+    "keras.src.utils.python_utils": (
+        "keras.src.backend.torch.keras_edits.python_utils"
+    ),
     "keras.src.utils.summary_utils": (
         "keras.src.backend.torch.keras_edits.summary_utils"
     ),

@@ -5,8 +5,11 @@ module's counterpart (devices, `initialize`, `distribute_tensor`,
 `distribute_variable`, `distribute_data_input`, meshes and layouts as torch
 `DeviceMesh` and DTensor placements). Everything else is here, by concern:
 
+    launchers.py        torchrun, Slurm, Open MPI: rank, size, coordinator
     process_group.py    start the group, timeouts, `agree`/`gather`, exit
+    stopping.py         a stop on any rank stops every rank at that step
     failure_watch.py    one rank fails -> every rank stops, naming it
+    host_reads.py       a step's logs read on the host with one copy
     layouts.py          reading `TensorLayout` entries
     variables.py        Keras variables as DTensors laid out by the map
     dtensor_ops.py      Keras's ops on DTensors (DTensor's own gaps:

@@ -163,6 +163,12 @@ KERAS_REPLACED = (
     ),
     ("keras.src.utils.io_utils", "print_msg", "io_utils", None),
     (
+        "keras.src.utils.python_utils",
+        "pythonify_logs",
+        "python_utils",
+        None,
+    ),
+    (
         "keras.src.layers.layer",
         "Layer._assert_input_compatibility",
         "layer",
