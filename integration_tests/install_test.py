@@ -51,7 +51,7 @@ class InstallTest(testing.TestCase):
     def test_installing_keeps_the_installed_torch(self):
         # pip resolves the package's requirements against this environment
         # alone (no index): any torch in the supported range stays as it is
-        # (CI runs this with torch 2.14.1, and with 2.12.1).
+        # (CI runs this with torch 2.14.1; by hand with 2.12.1 and 2.13.0).
         work = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, work)
         report = os.path.join(work, "report.json")
