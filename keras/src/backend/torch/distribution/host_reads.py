@@ -13,34 +13,29 @@ conversion (`keras_edits/torch_core.py`) does.
 """
 
 import torch
+import torch.utils._pytree as pytree
 from torch.distributed.tensor import DTensor
 
 
 def read_scalars_once(logs):
     """`logs` (a dict, possibly nested) with each scalar plain tensor
     replaced by its Python float, all read with one copy per device."""
-    scalars = {}
-    _find_scalars(logs, (), scalars)
-    if not scalars:
+    leaves, spec = pytree.tree_flatten(logs)
+    indices_by_device = {}
+    for index, leaf in enumerate(leaves):
+        if _is_plain_scalar(leaf):
+            indices_by_device.setdefault(leaf.device, []).append(index)
+    if not indices_by_device:
         return logs
-    values = {}
-    for paths in _by_device(scalars).values():
+    for indices in indices_by_device.values():
         # float64 holds every float32, float16 and bfloat16 exactly, and
         # `float()` of the value Keras reads is that same double.
         stacked = torch.stack(
-            [scalars[path].detach().reshape(()).double() for path in paths]
+            [leaves[i].detach().reshape(()).double() for i in indices]
         )
-        values.update(zip(paths, stacked.tolist()))
-    return _replaced(logs, (), values)
-
-
-def _find_scalars(logs, prefix, scalars):
-    for key, value in logs.items():
-        path = prefix + (key,)
-        if isinstance(value, dict):
-            _find_scalars(value, path, scalars)
-        elif _is_plain_scalar(value):
-            scalars[path] = value
+        for index, value in zip(indices, stacked.tolist()):
+            leaves[index] = value
+    return pytree.tree_unflatten(leaves, spec)
 
 
 def _is_plain_scalar(value):
@@ -50,21 +45,3 @@ def _is_plain_scalar(value):
         and value.numel() == 1
         and not value.is_complex()
     )
-
-
-def _by_device(scalars):
-    paths_by_device = {}
-    for path, tensor in scalars.items():
-        paths_by_device.setdefault(tensor.device, []).append(path)
-    return paths_by_device
-
-
-def _replaced(logs, prefix, values):
-    result = {}
-    for key, value in logs.items():
-        path = prefix + (key,)
-        if isinstance(value, dict):
-            result[key] = _replaced(value, path, values)
-        else:
-            result[key] = values.get(path, value)
-    return result

@@ -162,6 +162,8 @@ TORCH_USED = (
     ("torch.utils._pytree", "register_pytree_node"),
     ("torch.utils._pytree", "tree_map"),
     ("torch.utils._pytree", "tree_leaves"),
+    ("torch.utils._pytree", "tree_flatten"),
+    ("torch.utils._pytree", "tree_unflatten"),
     # Processes simulated by `describe --processes N`.
     ("torch.testing._internal.distributed.fake_pg", "FakeStore"),
     # A view's base: a loss on rows knows its output by it (`row_loss`).
