@@ -24,11 +24,18 @@ SEED = 7
 RTOL = 1e-5
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PROCESSES = {"data": 2, "model": 2, "model_1d": 2, "2d": 4}
-# `lean`: the transformer alone and two optimizer options, for a second run
-# of the suite on another Keras (`.ci/run`), where the full matrices would
-# repeat what the first run showed of this package's own code.
-LEAN = os.environ.get("KERAS_TORCH_DISTRIBUTION_PARITY") == "lean"
-MODEL_NAMES = ("transformer",) if LEAN else ("mlp", "cnn", "transformer")
+MODEL_NAMES = ("mlp", "cnn", "transformer")
+DISTRIBUTION_NAMES = ("data", "model", "model_1d", "2d")
+# Lean (the default): the transformer on every distribution, the MLP on
+# data parallelism and the CNN's sharded convolutions on the 2x2 mesh.
+MODEL_CASES = [
+    (model_name, distribution_name)
+    for model_name in MODEL_NAMES
+    for distribution_name in DISTRIBUTION_NAMES
+    if parity_models.FULL_MATRICES
+    or model_name == "transformer"
+    or (model_name, distribution_name) in (("mlp", "data"), ("cnn", "2d"))
+]
 
 
 # Optimizer options whose single-device meaning must hold on sharded
@@ -43,11 +50,11 @@ OPTIMIZER_OPTIONS = {
     "loss_scale": {"loss_scale": True},
     "schedule": {"schedule": True},
 }
-if LEAN:
-    OPTIMIZER_OPTIONS = {
-        name: OPTIMIZER_OPTIONS[name]
-        for name in ("global_clipnorm", "gradient_accumulation")
-    }
+# Lean: each option on the 2x2 mesh, where norms and accumulators span
+# both the batch and the model axis.
+OPTION_DISTRIBUTIONS = ("2d",)
+if parity_models.FULL_MATRICES:
+    OPTION_DISTRIBUTIONS = ("model", "2d")
 
 
 def make_optimizer(optimizer_name, options):
@@ -227,10 +234,7 @@ class ParityTest(testing.TestCase):
         (ours,) = run_on_processes(1, compute_reference, "transformer")
         self.assertEqual(ours, self.reference("transformer"))
 
-    @parameterized.product(
-        model_name=MODEL_NAMES,
-        distribution_name=("data", "model", "model_1d", "2d"),
-    )
+    @parameterized.parameters(*MODEL_CASES)
     def test_keras_models(self, model_name, distribution_name):
         expected = self.reference(model_name)
         results = run_on_processes(
@@ -262,7 +266,7 @@ class ParityTest(testing.TestCase):
         self.assertEqual(digests[0], digests[1])
 
     @parameterized.product(
-        option=sorted(OPTIMIZER_OPTIONS), distribution_name=("model", "2d")
+        option=sorted(OPTIMIZER_OPTIONS), distribution_name=OPTION_DISTRIBUTIONS
     )
     def test_optimizer_options(self, option, distribution_name):
         options = OPTIMIZER_OPTIONS[option]

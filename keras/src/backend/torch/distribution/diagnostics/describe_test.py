@@ -17,9 +17,6 @@ from keras.src.backend.torch.distribution import describe
 from keras.src.backend.torch.distribution import plan
 from keras.src.testing.multi_process import run_on_processes
 
-# A second run of the suite on another Keras (`.ci/run`) checks one layout.
-LEAN = os.environ.get("KERAS_TORCH_DISTRIBUTION_PARITY") == "lean"
-
 
 def build_model():
     """A Dense pair with a 5-wide kernel split unevenly over "model"."""
@@ -171,8 +168,6 @@ class DescribeTest(testing.TestCase):
         ("fsdp_layout", "fsdp", 2),
     )
     def test_state_bytes_equal_a_real_step(self, kind, processes):
-        if LEAN and kind != "model":
-            self.skipTest("one layout on the second Keras")
         results = run_on_processes(processes, planned_and_held, kind)
         plans = [result[0] for result in results]
         self.assertEqual(plans[0], plans[-1])  # Printed alike everywhere.

@@ -1,8 +1,6 @@
 """A step simulated on fake tensors costs what the real step costs: the same
 collectives, and peak activation bytes within 15% (measured: 0 to 10%)."""
 
-import os
-
 import numpy as np
 from absl.testing import parameterized
 
@@ -15,10 +13,6 @@ from keras.src.testing.multi_process import run_on_processes
 
 # Large enough that activations outweigh a step's few scalars.
 BATCH = 256
-# A second run of the suite on another Keras (`.ci/run`) leaves out the
-# slow KerasHub case (about a minute), whose subject is this package.
-LEAN = os.environ.get("KERAS_TORCH_DISTRIBUTION_PARITY") == "lean"
-
 
 def distribution_for(kind, model_name):
     """The tests' distributions, and FSDP's layout: every weight of two
@@ -117,8 +111,6 @@ class StepPlanTest(testing.TestCase):
         ("gemma_2d", "2d", "gemma", 4),
     )
     def test_plan_matches_a_real_step(self, kind, model_name, processes):
-        if model_name == "gemma" and LEAN:
-            self.skipTest("KerasHub Gemma runs on the first Keras only")
         sequence = 16 if model_name == "gemma" else None
         batch = 8 if model_name == "gemma" else BATCH
         results = run_on_processes(

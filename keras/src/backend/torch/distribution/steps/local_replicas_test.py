@@ -1,9 +1,11 @@
 """Data-parallel steps on local replicas: the route each model takes, the
 numbers it gives, and the collectives it costs."""
 
+import functools
 import sys
 import types
 import warnings
+from unittest import mock
 
 import numpy as np
 import torch
@@ -89,6 +91,16 @@ def route_and_numbers(
         evaluate_first=evaluate_first,
         samples=samples,
     )
+
+
+def traced_route_and_numbers(model_name, samples):
+    """`route_and_numbers` compiled by Dynamo and AOT autograd (the graphs
+    this package's steps must keep whole) without inductor's code
+    generation: that takes a minute more on 2 cores, and the benchmark
+    smoke test checks a step compiled by inductor against the eager loss."""
+    aot_eager = functools.partial(torch.compile, backend="aot_eager")
+    with mock.patch.object(torch, "compile", aot_eager):
+        return route_and_numbers(model_name, True, False, samples)
 
 
 def graphs_compiled_after_an_import():
@@ -355,14 +367,14 @@ class LocalReplicasTest(testing.TestCase):
     def test_jit_compile_compiles_the_local_step_with_single_numbers(self):
         # Whole but for backward: the transformer's attention once broke
         # its forward pass into pieces, Keras's tree utilities its step.
-        # (The MLP's compiled steps run in the test below.) Even batches:
+        # (Inductor compiles the MLP's steps in the test below.) Even batches:
         # an uneven last one compiles each step a second time, with
         # dynamic shapes (twice the time).
         expected_loss, expected_predictions, _ = single_process(
             "transformer", samples=32
         )
         for loss, predictions, verdict, whole in run_on_processes(
-            2, route_and_numbers, "transformer", True, False, 32
+            2, traced_route_and_numbers, "transformer", 32
         ):
             self.assertEqual(verdict, "local")
             self.assertTrue(whole)
