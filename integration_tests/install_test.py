@@ -3,16 +3,19 @@
 
 import glob
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
 from keras.src import testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PURELIB = "import sysconfig; print(sysconfig.get_path('purelib'))"
 LIST_DEVICES = "import keras; print(keras.distribution.list_devices())"
 WHICH_MODULE = (
     "import keras; from keras.src.backend.torch import distribution_lib;"
@@ -73,16 +76,19 @@ class InstallTest(testing.TestCase):
         venv = os.path.join(work, "venv")
         run([sys.executable, "-m", "venv", venv]).check_returncode()
         python = os.path.join(venv, "bin", "python")
+        site_packages = run([python, "-c", PURELIB]).stdout.strip()
+        # torch and the package's other requirements come from this
+        # environment, after the venv's own packages (installing torch
+        # again would take a minute); Keras is installed in the venv, next
+        # to which the package is installed, then removed. Asking for this
+        # torch installs what it needs in the venv (a newer setuptools).
+        with open(os.path.join(site_packages, "requirements.pth"), "w") as f:
+            f.write(sysconfig.get_path("purelib") + "\n")
         pip = [python, "-m", "pip", "install", "-q"]
-        result = run(pip + ["torch==2.13.0", "keras==3.15.1"])
+        result = run(pip + ["--ignore-installed", "--no-deps", "keras==3.15.1"])
         self.assertEqual(result.returncode, 0, result.stderr)
-        site_packages = run(
-            [
-                python,
-                "-c",
-                "import sysconfig; print(sysconfig.get_path('purelib'))",
-            ]
-        ).stdout.strip()
+        result = run(pip + [f"torch=={importlib.metadata.version('torch')}"])
+        self.assertEqual(result.returncode, 0, result.stderr)
         env = dict(os.environ, KERAS_BACKEND="torch")
         plain_keras = snapshot(site_packages)
         plain = run([python, "-c", LIST_DEVICES], env=env, cwd=work)

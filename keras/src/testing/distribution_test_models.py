@@ -4,17 +4,9 @@ Every builder is deterministic given Keras's random seed, so a run on N
 processes and a run on one process start from the same weights.
 """
 
-import os
-
 import numpy as np
 
 import keras
-
-# The parity and planning matrices run lean by default: each model and
-# distribution once, each optimizer option on the 2x2 mesh. Set
-# KERAS_TORCH_DISTRIBUTION_TESTS=full for every combination (about two
-# minutes more on 2 cores).
-FULL_MATRICES = os.environ.get("KERAS_TORCH_DISTRIBUTION_TESTS") == "full"
 
 NUM_CLASSES = 4
 SEQUENCE_LENGTH = 8

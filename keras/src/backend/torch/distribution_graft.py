@@ -88,6 +88,9 @@ COMPANIONS = {
     "keras.src.trainers.data_adapters": (
         "keras.src.backend.torch.keras_edits.data_adapters"
     ),
+    "keras.src.trainers.data_adapters.py_dataset_adapter": (
+        "keras.src.backend.torch.keras_edits.py_dataset_adapter"
+    ),
     "keras.src.saving.saving_lib": (
         "keras.src.backend.torch.keras_edits.saving_lib"
     ),

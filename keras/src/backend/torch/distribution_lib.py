@@ -469,6 +469,7 @@ def _check_rank(shape, layout):
 
 def _as_local_tensor(value):
     device = "cuda" if _device_type(None) == "gpu" else "cpu"
+    device = process_group.explicit_device(device)
     if isinstance(value, torch.Tensor):
         return value.to(device)
     return torch.as_tensor(np.asarray(value), device=device)

@@ -44,6 +44,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from keras.src.backend.torch.distribution import failure_watch
 from keras.src.backend.torch.distribution import launchers
+from keras.src.backend.torch.distribution import tensorflow_gpus
 from keras.src.backend.torch.torch_edits import internals
 
 # Seconds a collective (or the rendezvous) may wait for the other ranks
@@ -361,7 +362,8 @@ def device_index(local_rank, visible_gpus, rank=None, world_size=None):
 def select_device(local_rank=None, rank=None, world_size=None):
     """On CUDA, makes this process's GPU (`device_index`; by default from
     the launcher's local rank) its current device and returns it; None on
-    CPU, or under no launcher without arguments.
+    CPU, or under no launcher without arguments. TensorFlow, if anything
+    imports it, then sees no GPU (`tensorflow_gpus`).
 
     Raises:
         ValueError: see `device_index`.
@@ -376,7 +378,38 @@ def select_device(local_rank=None, rank=None, world_size=None):
         local_rank, torch.cuda.device_count(), rank, world_size
     )
     torch.cuda.set_device(index)
+    _drive_gpu(index)
+    tensorflow_gpus.keep_off_gpus()
     return torch.device("cuda", index)
+
+
+# The GPU this process drives, once chosen (`select_device`) or checked
+# (`check_running_group`): a list of at most one index.
+_driven_gpu = []
+
+
+def _drive_gpu(index):
+    _driven_gpu[:] = [index]
+
+
+def explicit_device(device):
+    """`device` with this process's GPU index where it names none.
+
+    CUDA's current device belongs to a thread: a bare `"cuda"` is GPU 0 in
+    any thread that did not choose (Keras's `PyDataset` workers, a user's
+    threads), from every rank. Tensors this package places go to the
+    explicit device instead.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and _driven_gpu:
+        return torch.device("cuda", _driven_gpu[0])
+    return device
+
+
+def driven_gpu():
+    """The index of the GPU this process drives; None when none was
+    chosen (CPU, or no launcher yet)."""
+    return _driven_gpu[0] if _driven_gpu else None
 
 
 def collective_timeout():
@@ -418,6 +451,8 @@ def check_running_group(num_processes, process_id):
                 "init_process_group (or let keras.distribution.initialize() "
                 "start the group), so that each process drives its own GPU."
             )
+    if uses_cuda:
+        _drive_gpu(torch.cuda.current_device())
 
 
 def agree_on_random_seed():

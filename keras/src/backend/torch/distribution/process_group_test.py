@@ -2,9 +2,7 @@
 launcher's environment; its timeout."""
 
 import os
-import subprocess
 import sys
-import textwrap
 
 import torch
 from absl.testing import parameterized
@@ -13,6 +11,7 @@ import keras
 from keras.src import testing
 from keras.src.backend.torch import distribution_lib
 from keras.src.backend.torch.distribution import process_group
+from keras.src.testing import emulated_cuda
 from keras.src.testing.multi_process import run_on_processes
 
 
@@ -109,6 +108,10 @@ class DeviceSelectionTest(testing.TestCase):
         names = ("is_available", "device_count", "set_device")
         saved = {name: getattr(torch.cuda, name) for name in names}
         saved_environ = dict(os.environ)
+        # What a selection leaves for the rest of the process: the GPU it
+        # drives, the finder that keeps TensorFlow off the GPUs.
+        saved_gpu = process_group._driven_gpu[:]
+        saved_finders = sys.meta_path[:]
         try:
             for name in names:
                 setattr(torch.cuda, name, getattr(fake, name))
@@ -121,6 +124,8 @@ class DeviceSelectionTest(testing.TestCase):
                 setattr(torch.cuda, name, value)
             os.environ.clear()
             os.environ.update(saved_environ)
+            sys.meta_path[:] = saved_finders
+            process_group._driven_gpu[:] = saved_gpu
         return device, fake.selected
 
     def test_the_local_rank_of_each_launcher_picks_the_gpu(self):
@@ -146,27 +151,26 @@ class DeviceSelectionTest(testing.TestCase):
 
     def test_the_gpu_is_chosen_when_keras_is_imported(self):
         # Before any keras.distribution call: anything Keras creates then
-        # is on this process's GPU.
-        code = textwrap.dedent(
-            """
-            import torch
-            selected = []
-            torch.cuda.is_available = lambda: True
-            torch.cuda.device_count = lambda: 2
-            torch.cuda.set_device = selected.append
+        # is on this process's GPU, and so is what this package places
+        # where no index is named.
+        code = """
             import keras
-            print(selected)
+            from keras.src.backend.torch.distribution import process_group
+            print(selected, [str(process_group.explicit_device(name))
+                             for name in ("cuda", "cuda:0", "cpu")])
             """
+        result = emulated_cuda.run_script(code, LOCAL_RANK="1")
+        self.assertEqual(
+            result.stdout.splitlines()[-1],
+            "[('MainThread', 1)] ['cuda:1', 'cuda:0', 'cpu']",
+            result.stderr,
         )
-        env = dict(os.environ, KERAS_BACKEND="torch", LOCAL_RANK="1")
-        result = subprocess.run(
-            [sys.executable, "-c", code],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        self.assertEqual(result.stdout.splitlines()[-1], "[1]", result.stderr)
+
+    def test_no_gpu_chosen_leaves_devices_as_named(self):
+        for name in ("cuda", "cuda:0", "cpu", "meta"):
+            self.assertEqual(
+                process_group.explicit_device(name), torch.device(name)
+            )
 
 
 def mesh_group_timeouts():

@@ -35,6 +35,7 @@ from keras.src.backend.common import global_state
 from keras.src.backend.torch import distribution_lib
 from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import dtensor_ops
+from keras.src.backend.torch.distribution import process_group
 from keras.src.backend.torch.distribution.saving.h5_partial_read import (
     PartialRead,
 )
@@ -90,7 +91,8 @@ def initialize(variable, value):
     variable._shape = variable._validate_shape(value.shape)
     variable._layout = layout_of(variable)
     if variable._layout is None:
-        value = value.to(backend_core.get_device())
+        device = backend_core.get_device()
+        value = value.to(process_group.explicit_device(device))
     else:
         dtensor_ops.allow_implicit_replication()
         value = distribution_lib.distribute_variable(

@@ -161,6 +161,12 @@ KERAS_REPLACED = (
         "data_adapters",
         None,
     ),
+    (
+        "keras.src.trainers.data_adapters.py_dataset_adapter",
+        "get_pool_class",
+        "py_dataset_adapter",
+        None,
+    ),
     ("keras.src.utils.io_utils", "print_msg", "io_utils", None),
     (
         "keras.src.utils.python_utils",

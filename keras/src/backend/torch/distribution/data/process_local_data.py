@@ -83,7 +83,8 @@ class ProcessLocalBatches:
 
         def gathered(tensor):
             # On the mesh's device: an NCCL group takes no CPU tensors.
-            tensor = tensor.to(self.mesh.device_type)
+            device = process_group.explicit_device(self.mesh.device_type)
+            tensor = tensor.to(device)
             return gather_rows(tensor, rows, group)
 
         return tree.map_structure(gathered, batch, none_is_leaf=False)

@@ -93,13 +93,17 @@ def route_and_numbers(
     )
 
 
-def traced_route_and_numbers(model_name, samples):
-    """`route_and_numbers` compiled by Dynamo and AOT autograd (the graphs
+def without_inductor():
+    """Keras's `torch.compile` through Dynamo and AOT autograd (the graphs
     this package's steps must keep whole) without inductor's code
     generation: that takes a minute more on 2 cores, and the benchmark
     smoke test checks a step compiled by inductor against the eager loss."""
     aot_eager = functools.partial(torch.compile, backend="aot_eager")
-    with mock.patch.object(torch, "compile", aot_eager):
+    return mock.patch.object(torch, "compile", aot_eager)
+
+
+def traced_route_and_numbers(model_name, samples):
+    with without_inductor():
         return route_and_numbers(model_name, True, False, samples)
 
 
@@ -107,6 +111,11 @@ def graphs_compiled_after_an_import():
     """Graphs compiled by the first `fit` of the compiled MLP, and by a
     second `fit` after a module was added to `sys.modules` between the
     two."""
+    with without_inductor():
+        return _graphs_compiled_after_an_import()
+
+
+def _graphs_compiled_after_an_import():
     keras.distribution.set_distribution(keras.distribution.DataParallel())
     model = models.MODELS["mlp"][0]()
     model.compile(
@@ -367,7 +376,7 @@ class LocalReplicasTest(testing.TestCase):
     def test_jit_compile_compiles_the_local_step_with_single_numbers(self):
         # Whole but for backward: the transformer's attention once broke
         # its forward pass into pieces, Keras's tree utilities its step.
-        # (Inductor compiles the MLP's steps in the test below.) Even batches:
+        # (The MLP's compiled steps run in the test below.) Even batches:
         # an uneven last one compiles each step a second time, with
         # dynamic shapes (twice the time).
         expected_loss, expected_predictions, _ = single_process(
