@@ -383,13 +383,20 @@ def select_device(local_rank=None, rank=None, world_size=None):
     return torch.device("cuda", index)
 
 
-# The GPU this process drives, once chosen (`select_device`) or checked
-# (`check_running_group`): a list of at most one index.
-_driven_gpu = []
+# The index of the GPU this process drives, once chosen (`select_device`)
+# or checked (`check_running_group`); None before, and on CPU.
+_driven_gpu = None
 
 
 def _drive_gpu(index):
-    _driven_gpu[:] = [index]
+    global _driven_gpu
+    _driven_gpu = index
+
+
+def driven_gpu():
+    """The index of the GPU this process drives; None when none was
+    chosen (CPU, or no launcher yet)."""
+    return _driven_gpu
 
 
 def explicit_device(device):
@@ -401,15 +408,10 @@ def explicit_device(device):
     explicit device instead.
     """
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None and _driven_gpu:
-        return torch.device("cuda", _driven_gpu[0])
+    if device.type == "cuda" and device.index is None:
+        if _driven_gpu is not None:
+            return torch.device("cuda", _driven_gpu)
     return device
-
-
-def driven_gpu():
-    """The index of the GPU this process drives; None when none was
-    chosen (CPU, or no launcher yet)."""
-    return _driven_gpu[0] if _driven_gpu else None
 
 
 def collective_timeout():

@@ -110,7 +110,7 @@ class DeviceSelectionTest(testing.TestCase):
         saved_environ = dict(os.environ)
         # What a selection leaves for the rest of the process: the GPU it
         # drives, the finder that keeps TensorFlow off the GPUs.
-        saved_gpu = process_group._driven_gpu[:]
+        saved_gpu = process_group.driven_gpu()
         saved_finders = sys.meta_path[:]
         try:
             for name in names:
@@ -125,7 +125,7 @@ class DeviceSelectionTest(testing.TestCase):
             os.environ.clear()
             os.environ.update(saved_environ)
             sys.meta_path[:] = saved_finders
-            process_group._driven_gpu[:] = saved_gpu
+            process_group._drive_gpu(saved_gpu)
         return device, fake.selected
 
     def test_the_local_rank_of_each_launcher_picks_the_gpu(self):

@@ -80,12 +80,11 @@ class ProcessLocalBatches:
         if rows == chunked:
             return LocalBlock(batch, total)
         group = self.mesh.get_group(self.axis)
+        # On the mesh's device: an NCCL group takes no CPU tensors.
+        device = process_group.explicit_device(self.mesh.device_type)
 
         def gathered(tensor):
-            # On the mesh's device: an NCCL group takes no CPU tensors.
-            device = process_group.explicit_device(self.mesh.device_type)
-            tensor = tensor.to(device)
-            return gather_rows(tensor, rows, group)
+            return gather_rows(tensor.to(device), rows, group)
 
         return tree.map_structure(gathered, batch, none_is_leaf=False)
 
