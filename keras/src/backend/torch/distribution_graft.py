@@ -85,6 +85,9 @@ COMPANIONS = {
     "keras.src.callbacks.csv_logger": (
         "keras.src.backend.torch.keras_edits.csv_logger"
     ),
+    "keras.src.optimizers.loss_scale_optimizer": (
+        "keras.src.backend.torch.keras_edits.loss_scale_optimizer"
+    ),
     "keras.src.trainers.data_adapters": (
         "keras.src.backend.torch.keras_edits.data_adapters"
     ),

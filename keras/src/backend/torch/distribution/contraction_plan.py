@@ -34,16 +34,16 @@ every rank because every rank runs the same program on the same layouts.
 """
 
 import contextlib
-import threading
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from keras.src.backend.torch.distribution import recompute
 from keras.src.backend.torch.torch_edits import redistribution_watch
 
-_local = threading.local()
+_local = recompute.step_state()
 
 
 class Contraction:

@@ -79,36 +79,64 @@ class _CountSteps(keras.callbacks.Callback):
         self.steps = 0
 
     def on_train_batch_begin(self, batch, logs=None):
-        self.reads.counting = batch > 0
+        self.reads.counting = batch > 0 or self.steps > 0
 
     def on_train_batch_end(self, batch, logs=None):
         self.steps += self.reads.counting
         self.reads.counting = False
 
 
-def reads_per_step(distribution_name, model_name="mlp"):
-    """The losses, and the host reads per training step."""
+def reads_per_step(distribution_name, model_name="mlp", initial_scale=None):
+    """The losses, and the host reads per training step; with
+    `initial_scale`, under `mixed_float16` with a loss scale starting
+    there, and the scale's values after each epoch too."""
     keras.utils.set_random_seed(7)
     if distribution_name:
         keras.distribution.set_distribution(
             models.distribution(distribution_name, model_name)
         )
-    model = models.MODELS[model_name][0]()
+    optimizer = keras.optimizers.Adam()
+    if initial_scale is not None:
+        keras.config.set_dtype_policy("mixed_float16")
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            optimizer, initial_scale=initial_scale, dynamic_growth_steps=2
+        )
+    try:
+        model = models.MODELS[model_name][0]()
+    finally:
+        keras.config.set_dtype_policy("float32")
     model.compile(
-        optimizer="adam",
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(2)],
     )
     x, y = models.data(model_name, samples=40)
     reads = HostReads()
     steps = _CountSteps(reads)
+    scales = _Scales(optimizer)
     with reads.counting_reads():
         history = model.fit(
-            x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
-            callbacks=[steps],
+            x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+            callbacks=[steps, scales],
         )
     keras.distribution.set_distribution(None)
+    if initial_scale is not None:
+        history.history["scale"] = scales.values
     return history.history, reads.count / steps.steps
+
+
+class _Scales(keras.callbacks.Callback):
+    """The loss scale after each batch (None without loss scaling)."""
+
+    def __init__(self, optimizer):
+        super().__init__()
+        self.scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        self.values = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.scaled:
+            scale = self.model.optimizer.dynamic_scale
+            self.values.append(float(scale.numpy()))
 
 
 class HostReadsTest(testing.TestCase):
@@ -150,4 +178,24 @@ class HostReadsTest(testing.TestCase):
                 for key, values in expected.items():
                     np.testing.assert_allclose(
                         history[key], values, rtol=1e-5, err_msg=key
+                    )
+
+    def test_loss_scaling_reads_its_verdict_once_on_every_route(self):
+        # 2**20 overflows float16 at first: the scale halves for several
+        # steps, skipping them, then grows every 2 finite steps. Each step
+        # reads its logs and the verdict (all ranks share it): two reads.
+        expected, _ = reads_per_step(None, initial_scale=2.0**20)
+        self.assertLess(min(expected["scale"]), 2.0**20)
+        self.assertGreater(len(set(expected["scale"])), 2)
+        for distribution_name in ("data", "model"):
+            for history, per_step in run_on_processes(
+                2, reads_per_step, distribution_name, "mlp", 2.0**20
+            ):
+                self.assertEqual(per_step, 2, distribution_name)
+                self.assertEqual(history["scale"], expected["scale"])
+                # float16's sums (of split rows, of split products) round
+                # in another order.
+                for key, values in expected.items():
+                    np.testing.assert_allclose(
+                        history[key], values, rtol=1e-4, err_msg=key
                     )

@@ -25,7 +25,6 @@
 """
 
 import contextlib
-import threading
 
 import numpy as np
 import torch
@@ -36,11 +35,12 @@ from keras.src.backend.torch import distribution_lib
 from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import dtensor_ops
 from keras.src.backend.torch.distribution import process_group
+from keras.src.backend.torch.distribution import recompute
 from keras.src.backend.torch.distribution.saving.h5_partial_read import (
     PartialRead,
 )
 
-_local = threading.local()
+_local = recompute.step_state()
 
 
 def layout_of(variable):

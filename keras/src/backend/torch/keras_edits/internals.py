@@ -59,6 +59,7 @@ KERAS_REPLACED = (
     *_in_both(CORE, "Variable.value", "torch_core"),
     *_in_both(CORE, "convert_to_numpy", "torch_core"),
     *_in_both(CORE, "slice_update", "torch_core"),
+    *_in_both(CORE, "remat", "torch_core"),
     *_in_both(CORE, "Variable._convert_to_tensor", "torch_core"),
     # Keras 3.16 lays variables out itself there.
     (
@@ -154,6 +155,12 @@ KERAS_REPLACED = (
         "Distribution.data_shard_id",
         "distribution_api",
         "3.16",
+    ),
+    (
+        "keras.src.optimizers.loss_scale_optimizer",
+        "LossScaleOptimizer._common_apply",
+        "loss_scale_optimizer",
+        None,
     ),
     (
         "keras.src.trainers.data_adapters",
@@ -363,6 +370,18 @@ KERAS_USED = (
         for method in ("_compute_loss", "compute_loss", "compute_metrics")
     ),
     ("keras.src.losses.losses", "LossFunctionWrapper"),
+    # A recomputation's autocast scope (`distribution/recompute.py`).
+    ("keras.src.backend.common.variables", "AutocastScope"),
+    ("keras.src.backend.common.variables", "get_autocast_scope"),
+    # Dynamic loss scaling's steps (`optimizers/loss_scaling.py`).
+    (
+        "keras.src.optimizers.loss_scale_optimizer",
+        "LossScaleOptimizer._stateful_handle_non_finite_grads",
+    ),
+    (
+        "keras.src.optimizers.loss_scale_optimizer",
+        "LossScaleOptimizer._overwrite_variable_with_gradient",
+    ),
 )
 
 # Checkpoints: the walk over what a save writes (the order and names of a
@@ -393,6 +412,15 @@ ADAM_ATTRIBUTES = (
     "beta_2",
     "epsilon",
     "amsgrad",
+)
+# Set by `LossScaleOptimizer.__init__` and `build`; read by
+# `optimizers/loss_scaling.py`.
+LOSS_SCALE_OPTIMIZER_ATTRIBUTES = (
+    "inner_optimizer",
+    "dynamic_scale",
+    "step_counter",
+    "dynamic_growth_steps",
+    "_trainable_variables",
 )
 # Read by `steps/row_loss.py`: a compiled model's loss, metrics and loss
 # tracker (the tracker is replaced on the instance during a step), the

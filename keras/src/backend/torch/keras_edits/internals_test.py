@@ -57,6 +57,10 @@ class InternalsTest(testing.TestCase):
         optimizer.build([keras.Variable([1.0])])
         for attribute in internals.ADAM_ATTRIBUTES:
             self.assertTrue(hasattr(optimizer, attribute), attribute)
+        scaled = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())
+        scaled.build([keras.Variable([1.0])])
+        for attribute in internals.LOSS_SCALE_OPTIMIZER_ATTRIBUTES:
+            self.assertTrue(hasattr(scaled, attribute), attribute)
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
         model.compile(loss="mse")
         model.compute_loss(y=np.zeros((1, 1)), y_pred=np.zeros((1, 1)))

@@ -8,10 +8,16 @@ forward pass on the DTensor route), and keeps its layout when assigned (see
 `distribution/variables.py`). Keras 3.16 moved this file to
 `keras/src/backend/torch/ops/core.py` and lays variables out on its own in
 `_initialize_with_initializer`, which is switched off here.
+
+`remat(f)` recomputes `f` in the context of its forward call: Keras's
+autocast scope (upstream, a rematerialized layer under a mixed precision
+policy raised `CheckpointError`, even on one process) and a distributed
+step's per-thread state (`distribution/recompute.py`).
 """
 
 from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import dtensor_ops
+from keras.src.backend.torch.distribution import recompute
 from keras.src.backend.torch.distribution import variables
 from keras.src.backend.torch.keras_edits import edit
 from keras.src.backend.torch.keras_edits import edit_property
@@ -83,10 +89,19 @@ def _aligned_slice_update(upstream):
     return slice_update
 
 
+def _recomputed_in_context(upstream):
+    def remat(f):
+        """Stands for `remat`."""
+        return recompute.remat(f, upstream)
+
+    return remat
+
+
 def apply(core_module):
     variable = core_module.Variable
     edit(core_module, "convert_to_numpy", _convert_to_numpy)
     edit(core_module, "slice_update", _aligned_slice_update)
+    edit(core_module, "remat", _recomputed_in_context)
     edit(variable, "_initialize", lambda upstream: _initialize)
     edit_property(variable, "value", _value_property)
     edit(variable, "_convert_to_tensor", _variable_convert_to_tensor)

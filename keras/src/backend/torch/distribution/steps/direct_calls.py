@@ -35,17 +35,17 @@ from the stateless scope).
 """
 
 import contextlib
-import threading
 
 import torch
 
 from keras.src.backend.common import global_state
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+from keras.src.backend.torch.distribution import recompute
 from keras.src.backend.torch.distribution import variables
 from keras.src.backend.torch.distribution.steps import local_replicas
 
-_local = threading.local()
+_local = recompute.step_state()
 
 
 @contextlib.contextmanager

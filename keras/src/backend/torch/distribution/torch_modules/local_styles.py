@@ -47,8 +47,9 @@ from torch.distributed.tensor.parallel import ColwiseParallel
 from torch.distributed.tensor.parallel import RowwiseParallel
 
 from keras.src.backend.torch.distribution import contraction_plan
+from keras.src.backend.torch.distribution import recompute
 
-_local = threading.local()
+_local = recompute.step_state()
 
 
 def running_locally():
