@@ -11,7 +11,6 @@ import keras
 from keras.src import testing
 from keras.src.backend.common.variables import AutocastScope
 from keras.src.backend.common.variables import get_autocast_scope
-from keras.src.backend.torch.core import remat
 from keras.src.backend.torch.distribution import variables
 from keras.src.backend.torch.distribution.steps import local_shards
 from keras.src.backend.torch.distribution.steps import route
@@ -92,7 +91,7 @@ class RecomputeTest(testing.TestCase):
 
         x = torch.ones(3, requires_grad=True)
         with AutocastScope("bfloat16"), variables.reading_local_values():
-            y = remat(f)(x).sum()
+            y = keras.remat(f)(x).sum()
         backward = threading.Thread(target=y.backward)
         backward.start()
         backward.join()

@@ -69,6 +69,7 @@ KERAS_REPLACED = (
         "3.16",
     ),
     *_in_both(NN, "dot_product_attention", "torch_nn"),
+    *_in_both(NN, "sparse_categorical_crossentropy", "torch_nn"),
     # Keras 3.16 skips this check under torch.compile itself.
     (NN["3.15"], "_can_use_flash_attention", "torch_nn", "3.15"),
     *_in_both(NUMPY, "take", "torch_numpy"),

@@ -18,12 +18,19 @@ eager on local replicas). For CPU tensors the answer was False anyway
 `scaled_dot_product_attention` choose its kernel itself. An explicit
 `flash_attention=True` still runs the check. Keras 3.16 skips the check
 the same way, so there is nothing to edit there.
+
+`sparse_categorical_crossentropy` from logits split over their classes
+(a DTensor, a language model's vocabulary) computes on each rank's block
+of the classes, with three all-reduces of one number per row
+(`vocabulary_parallel`): upstream, DTensor gathered the logits whole on
+every rank.
 """
 
 import torch
 
 from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import dtensor_ops
+from keras.src.backend.torch.distribution import vocabulary_parallel
 from keras.src.backend.torch.keras_edits import edit
 from keras.src.backend.torch.keras_edits import internals
 
@@ -63,7 +70,25 @@ def _no_probe_while_compiling(upstream):
     return can_use_flash_attention
 
 
+def _split_classes_in_place(upstream):
+    def sparse_categorical_crossentropy(
+        target, output, from_logits=False, axis=-1
+    ):
+        """Stands for `sparse_categorical_crossentropy`."""
+        mesh_dim = vocabulary_parallel.class_split(output, axis)
+        if not from_logits or mesh_dim is None:
+            return upstream(target, output, from_logits=from_logits, axis=axis)
+        return vocabulary_parallel.cross_entropy(target, output, axis, mesh_dim)
+
+    return sparse_categorical_crossentropy
+
+
 def apply(nn_module):
     edit(nn_module, "dot_product_attention", _dot_product_attention)
+    edit(
+        nn_module,
+        "sparse_categorical_crossentropy",
+        _split_classes_in_place,
+    )
     if nn_module.__name__ == internals.NN["3.15"]:
         edit(nn_module, "_can_use_flash_attention", _no_probe_while_compiling)

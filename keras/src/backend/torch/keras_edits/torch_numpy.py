@@ -7,16 +7,21 @@ Upstream:
 - `matmul` and `einsum` on DTensors communicate as Megatron's parallel
   layers do (`dtensor_ops.megatron_contraction`): what `Dense` and
   `EinsumDense` run under a column- or row-wise kernel layout.
-- `argmax` and `argmin` gather a split dim they reduce first
-  (`dtensor_ops.whole_along`): an accuracy metric on logits whose
-  vocabulary is split.
+- `argmax` and `argmin` along a dim split over one mesh axis compare each
+  rank's block, then agree by two all-reduces of one number per row
+  (`vocabulary_parallel.arg_extreme`): an accuracy metric on logits whose
+  vocabulary is split. Along other splits they gather the dim first
+  (`dtensor_ops.whole_along`).
 
 Where no operand is or holds a DTensor (and, for contractions, no local
 step replays their collectives), each runs upstream's code untouched.
 """
 
+import torch
+
 from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import dtensor_ops
+from keras.src.backend.torch.distribution import vocabulary_parallel
 from keras.src.backend.torch.keras_edits import edit
 
 
@@ -59,15 +64,26 @@ def _megatron_einsum(upstream):
     return einsum
 
 
-def _whole_along_axis(upstream):
-    def arg_reduction(x, axis=None, keepdims=False):
-        """Stands for `argmax` and `argmin`."""
-        if not dtensor_ops.any_dtensor((x,)):
+def _split_reduction(largest):
+    def make(upstream):
+        def arg_reduction(x, axis=None, keepdims=False):
+            """Stands for `argmax` and `argmin`."""
+            if not dtensor_ops.any_dtensor((x,)):
+                return upstream(x, axis=axis, keepdims=keepdims)
+            x = backend_core.convert_to_tensor(x)
+            mesh_dim = None
+            if axis is not None and x.dtype != torch.bool:
+                mesh_dim = vocabulary_parallel.class_split(x, axis)
+            if mesh_dim is not None:
+                return vocabulary_parallel.arg_extreme(
+                    x, axis, mesh_dim, keepdims, largest
+                )
+            x = dtensor_ops.whole_along(x, axis)
             return upstream(x, axis=axis, keepdims=keepdims)
-        x = dtensor_ops.whole_along(backend_core.convert_to_tensor(x), axis)
-        return upstream(x, axis=axis, keepdims=keepdims)
 
-    return arg_reduction
+        return arg_reduction
+
+    return make
 
 
 def apply(numpy_module):
@@ -75,5 +91,5 @@ def apply(numpy_module):
     edit(numpy_module, "einsum", _megatron_einsum)
     edit(numpy_module, "take", _sharded_lookup)
     edit(numpy_module, "take_along_axis", _sharded_lookup)
-    edit(numpy_module, "argmax", _whole_along_axis)
-    edit(numpy_module, "argmin", _whole_along_axis)
+    edit(numpy_module, "argmax", _split_reduction(largest=True))
+    edit(numpy_module, "argmin", _split_reduction(largest=False))

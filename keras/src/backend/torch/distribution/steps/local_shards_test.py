@@ -5,33 +5,14 @@ import warnings
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import keras
 from keras.src import testing
 from keras.src.backend.torch.distribution.steps import local_shards
 from keras.src.backend.torch.distribution.steps import route
 from keras.src.testing import distribution_test_models as models
+from keras.src.testing.collectives import Collectives
 from keras.src.testing.multi_process import run_on_processes
-
-
-class _Collectives(TorchDispatchMode):
-    """Counts collectives by kind, whether DTensor issues them (functional
-    collectives) or our code does (`torch.distributed` calls)."""
-
-    KINDS = ("all_reduce", "all_gather", "reduce_scatter")
-
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional"):
-            name = func.__name__.split(".")[0].replace("_", "")
-            for kind in self.KINDS:
-                if kind.replace("_", "") in name:
-                    self.counts[kind] = self.counts.get(kind, 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 def _fit(model_name, distribution, jit_compile=False, dropout=False, **options):
@@ -59,7 +40,7 @@ def _fit(model_name, distribution, jit_compile=False, dropout=False, **options):
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
     evaluation = model.evaluate(x, y, batch_size=8, verbose=0)
     predictions = model.predict(x, batch_size=8, verbose=0)
-    with _Collectives() as step:
+    with Collectives() as step:
         model.train_on_batch(x[:8], y[:8])
     state = route.state_of(model)
     routes = route.step_routes(model)
