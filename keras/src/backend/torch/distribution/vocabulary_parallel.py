@@ -68,16 +68,11 @@ def cross_entropy(target, logits, axis, mesh_dim):
     target = _as_indices(target, logits, dim)
     placements = _sample_placements(logits.placements, mesh_dim, dim)
     target_block = _block(target, mesh, placements)
-    _, offset = Shard.local_shard_size_and_offset(
-        logits.shape[dim], mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
-    )
+    offset = _first_class(logits, dim, mesh_dim)
     loss = _CrossEntropy.apply(
         logits.to_local(), target_block, dim, offset, mesh.get_group(mesh_dim)
     )
-    return DTensor.from_local(
-        loss, mesh, placements, run_check=False, shape=target.shape,
-        stride=_contiguous_strides(target.shape),
-    )
+    return _from_block(loss, mesh, placements, target.shape)
 
 
 def arg_extreme(x, axis, mesh_dim, keepdims, largest):
@@ -88,9 +83,7 @@ def arg_extreme(x, axis, mesh_dim, keepdims, largest):
     local = x.to_local().detach()
     if not largest:
         local = -local
-    _, offset = Shard.local_shard_size_and_offset(
-        x.shape[dim], mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
-    )
+    offset = _first_class(x, dim, mesh_dim)
     if local.shape[dim]:
         values, indices = local.max(dim, keepdim=True)
     else:  # An uneven split left this rank no classes.
@@ -115,9 +108,23 @@ def arg_extreme(x, axis, mesh_dim, keepdims, largest):
     else:
         first = first.squeeze(dim)
         del shape[dim]
+    return _from_block(first.to(torch.int32), mesh, placements, shape)
+
+
+def _first_class(x, dim, mesh_dim):
+    """The index of this rank's first class along `x`'s split dim `dim`."""
+    mesh = x.device_mesh
+    _, offset = Shard.local_shard_size_and_offset(
+        x.shape[dim], mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    )
+    return offset
+
+
+def _from_block(block, mesh, placements, shape):
+    """The DTensor of global `shape` (contiguous) whose block is `block`."""
     return DTensor.from_local(
-        first.to(torch.int32), mesh, placements, run_check=False,
-        shape=torch.Size(shape), stride=_contiguous_strides(shape),
+        block, mesh, placements, run_check=False, shape=torch.Size(shape),
+        stride=torch.empty(shape, device="meta").stride(),
     )
 
 
@@ -170,23 +177,16 @@ def _block(target, mesh, placements):
     return replicated.redistribute(mesh, placements).to_local()
 
 
-def _contiguous_strides(shape):
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))
-
-
 class _CrossEntropy(torch.autograd.Function):
     """Per-row loss from a block of the classes: three all-reduces of one
     number per row forward, none backward."""
 
     @staticmethod
     def forward(ctx, logits, target, dim, offset, group):
-        local_max = logits.detach().amax(dim, keepdim=True)
+        logits = logits.detach()
+        local_max = logits.amax(dim, keepdim=True)
         dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits.detach() - local_max
+        shifted = logits - local_max
         exp = shifted.exp()
         sum_exp = exp.sum(dim, keepdim=True)
         dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)

@@ -28,11 +28,9 @@ scale halves and nothing else changes, on every rank, as upstream.
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor import Shard
 
 from keras.src import ops
 from keras.src.backend.torch.distribution import process_group
-from keras.src.backend.torch.distribution import variables as dist_variables
 
 
 def apply(optimizer, grads, trainable_variables=None):
@@ -84,11 +82,8 @@ def _local(gradient):
 def _is_split(variable):
     """Whether ranks hold different blocks of `variable` (and of its
     gradient)."""
-    layout = dist_variables.layout_of(variable)
-    if layout is None or layout.device_mesh is None:
-        return False
-    mesh_shape = layout.device_mesh.shape
-    return any(
-        isinstance(placement, Shard) and size > 1
-        for placement, size in zip(layout.backend_layout, mesh_shape)
+    value = variable._value
+    return isinstance(value, DTensor) and any(
+        placement.is_shard() and value.device_mesh.size(mesh_dim) > 1
+        for mesh_dim, placement in enumerate(value.placements)
     )
