@@ -26,7 +26,8 @@ own torch distribution, if it ships one). Either way, on a Keras that
 ships its own, one line at import says which is used.
 
 This file is the only one imported under the installed package's own name
-(`keras_torch_distribution...`); everything else is imported as `keras.*`.
+(`keras_torch_distribution...`), with the command line's `__main__.py`
+when it is run; everything else is imported as `keras.*`.
 """
 
 import importlib
@@ -125,6 +126,12 @@ KERAS_OWN_MODULE = os.path.join(
 )
 
 
+# Files of a directory of ours that do not make it a Keras package to add
+# to: the root's `__main__.py` is this package's command line
+# (`python -m keras_torch_distribution`), not `python -m keras`'s.
+NOT_OVERLAID = ("__init__.py", "__main__.py")
+
+
 def overlay_packages(root=OVERLAY_ROOT):
     """Maps each Keras package name to our directory at the same path.
 
@@ -139,7 +146,7 @@ def overlay_packages(root=OVERLAY_ROOT):
         if "__init__.py" in filenames and dirpath != root:
             dirnames[:] = []
             continue
-        if any(n.endswith(".py") and n != "__init__.py" for n in filenames):
+        if any(n.endswith(".py") and n not in NOT_OVERLAID for n in filenames):
             relative = os.path.relpath(dirpath, root)
             name = (
                 "keras"

@@ -92,6 +92,9 @@ class InstalledKerasTest(testing.TestCase):
         self.assertIn("keras.src.testing", packages)
         # Our own packages (with an __init__.py) are found through Keras's.
         self.assertNotIn("keras.src.backend.torch.keras_edits", packages)
+        # The root holds only the command line (`python -m
+        # keras_torch_distribution`): `keras` itself gets nothing of ours.
+        self.assertNotIn("keras", packages)
 
 
 class StandInKerasTest(testing.TestCase):

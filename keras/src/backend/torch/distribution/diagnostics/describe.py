@@ -11,9 +11,12 @@ prints the same on every rank.
 From the command line, on a model built by a function of yours (which
 sets the distribution and returns the built model):
 
-    KERAS_BACKEND=torch python -m \
-        keras.src.backend.torch.distribution.diagnostics.describe \
-        my_script.py:build_model --processes 8
+    python -m keras_torch_distribution describe my_script.py:build_model \
+        --processes 8
+
+(`KERAS_BACKEND=torch python -m
+keras.src.backend.torch.distribution.diagnostics.describe ...` is the same
+command.)
 
 `--processes N` simulates N processes in this one with torch's fake
 process group (nothing is computed across them); under `torchrun`, leave
@@ -102,12 +105,15 @@ def _described(model, distribution, device_memory, batch, sequence):
     entries = state_bytes.per_rank(model)
     result = {"processes": len(entries), "ranks": entries}
     if step is not None:
-        # The step's peak holds this rank's gradients, counted apart.
+        # The step's peak holds the gradients it forms, counted apart; a
+        # route that keeps its gradient buffers from step to step (carried
+        # from the steps before) forms none.
         here = dist.get_rank() if dist.is_initialized() else 0
         (gradients,) = [
             e["gradient_bytes"] for e in entries if e["rank"] == here
         ]
-        activations = max(0, step.pop("step_bytes_peak") - gradients)
+        formed = max(0, gradients - step["carried_bytes"])
+        activations = max(0, step["step_bytes_peak"] - formed)
         for entry in entries:
             # Simulated on this rank; see `_step_lines`.
             entry["activation_bytes_peak"] = activations
@@ -300,9 +306,10 @@ def _start_fake_processes(processes):
     )
 
 
-def main(argv=None):
+def main(argv=None, prog=None):
     parser = argparse.ArgumentParser(
-        prog="python -m keras.src.backend.torch.distribution.diagnostics."
+        prog=prog
+        or "python -m keras.src.backend.torch.distribution.diagnostics."
         "describe",
         description="Describes how a distribution lays out a model.",
     )

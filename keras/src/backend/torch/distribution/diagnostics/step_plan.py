@@ -19,12 +19,17 @@ buckets' and every direct `torch.distributed` call arrive:
 
 A model's first step of a kind on a route of local tensors (data
 parallelism, model parallelism on local shards) takes the DTensor route
-once, so two steps are simulated there and the figures are the second's,
-the steady state; on the DTensor route the first step is
-already the steady state (its sharding propagation, DTensor's own work
-on global shapes, is not counted). Variables, gradients and per-model
-step state are put back afterwards; the loss and metrics stay built, as
-`fit` would have built them, so the model trains on as if nothing had run.
+once, and its second makes what the route keeps from step to step
+(gradient buffers, a recorded contraction plan), so three steps are
+simulated there and the figures are the third's, the steady state; on the
+DTensor route the first step is already the steady state (its sharding
+propagation, DTensor's own work on global shapes, is not counted).
+`carried_bytes` is what the earlier steps made and the last one starts
+with: when it covers the gradients (a route's gradient buffers), the step
+forms none (`describe` counts them apart either way). Variables,
+gradients and per-model step state are put back afterwards; the loss and
+metrics stay built, as `fit` would have built them, so the model trains on
+as if nothing had run.
 
 `planning()` builds models on fake tensors in the first place, so that
 nothing of a large model is ever allocated. Three gaps of torch 2.13's
@@ -71,7 +76,9 @@ class StepRecorder(TorchDispatchMode):
 
     def start_step(self):
         """Counts from zero: what earlier steps made no longer counts,
-        when it is freed either."""
+        when it is freed either. What they made and is still alive is
+        `carried` (a route's gradient buffers, kept from step to step)."""
+        self.carried = self.live if hasattr(self, "live") else 0
         for finalizer in getattr(self, "tracked", {}).values():
             finalizer.detach()
         self.collectives = {}
@@ -109,12 +116,25 @@ class StepRecorder(TorchDispatchMode):
                 )
         kwargs = kwargs or {}
         outputs = func(*args, **kwargs)
-        # Ops that write into their arguments, views and lifts of existing
-        # tensors into fake ones allocate nothing.
-        if func._schema.is_mutable or func in ALLOCATES_NOTHING:
+        # Lifts of existing tensors into fake ones allocate nothing; nor
+        # do views, in-place and `out=` ops (told by the op's schema: below
+        # autograd, where this mode runs, a view's own `_is_view()` is not
+        # set yet), nor an output on one of the arguments' storages (a
+        # collective's tensors handed back). Without this, a view of a
+        # tensor made before the step (a weight's transpose, the batch's
+        # rows) or a gradient bucket reduced in place would count as new.
+        if func in ALLOCATES_NOTHING or _returns_an_alias(func):
             return outputs
+        given = {
+            id(t.untyped_storage())
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
         for output in tree_leaves(outputs):
-            if isinstance(output, torch.Tensor) and not output._is_view():
+            if (
+                isinstance(output, torch.Tensor)
+                and id(output.untyped_storage()) not in given
+            ):
                 self._track(output)
         return outputs
 
@@ -134,11 +154,17 @@ class StepRecorder(TorchDispatchMode):
     def result(self):
         return {
             "step_bytes_peak": self.peak,
+            "carried_bytes": self.carried,
             "collectives_per_step": dict(sorted(self.collectives.items())),
             "collective_bytes_per_step": dict(
                 sorted(self.collective_bytes.items())
             ),
         }
+
+
+def _returns_an_alias(func):
+    """Whether an op's schema says it returns (part of) an argument."""
+    return any(r.alias_info is not None for r in func._schema.returns)
 
 
 def example_batch(model, batch, sequence=None, device=None):
@@ -216,7 +242,8 @@ def _structure(model, name):
 def simulate(model, batch, sequence=None, steps=None):
     """Costs of one training step of `model` on a global batch of `batch`
     (sequences of `sequence`), as a dict: `step_bytes_peak` (the peak of
-    the bytes the step allocates), `collectives_per_step` and
+    the bytes the step allocates), `carried_bytes` (what the steps before
+    made and this one starts with), `collectives_per_step` and
     `collective_bytes_per_step` (by kind).
 
     The model must be compiled; its optimizer is built first if it is not.
@@ -226,7 +253,7 @@ def simulate(model, batch, sequence=None, steps=None):
     """
     if steps is None:
         distribution = route.current_distribution()
-        steps = 2 if route.runs_on_local_tensors(distribution) else 1
+        steps = 3 if route.runs_on_local_tensors(distribution) else 1
     # What `fit` builds before its first step, built as `fit` does it (on
     # shapes alone): built under fake tensors, the loss and metrics would
     # keep fake state, and a later `fit`, skipping its own build, would
