@@ -40,3 +40,7 @@ def get_device():
 
 def convert_to_numpy(x):
     return module().convert_to_numpy(x)
+
+
+def to_torch_dtype(dtype):
+    return module().to_torch_dtype(dtype)

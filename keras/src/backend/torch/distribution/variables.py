@@ -4,6 +4,9 @@
   DTensor laid out by `distribution.get_variable_layout(variable)` (its own
   `_layout` wins, so optimizer slots follow their variable). A LoRA factor
   no key names is split like its kernel (`lora_layout`).
+- A split variable whose initializer is a constant (zeros, ones, a
+  number: optimizer slots, biases, norm scales) is built block by block,
+  each rank filling its own block, never the whole (`initialize_in_blocks`).
 - Assigning keeps the layout, from any global value or DTensor; a sharded
   variable assigned from a weights file reads only its block
   (`saving.h5_partial_read.PartialRead`).
@@ -25,6 +28,7 @@
 """
 
 import contextlib
+import weakref
 
 import numpy as np
 import torch
@@ -103,6 +107,47 @@ def initialize(variable, value):
     )
 
 
+def constant_of(initializer):
+    """The number a constant initializer gives every element (`Zeros`,
+    `Ones`, `Constant` of one number), or None for any other."""
+    # Imported here: Keras's initializers import the backend that loads
+    # this module.
+    from keras.src.initializers import constant_initializers as constants
+
+    if isinstance(initializer, constants.Zeros):
+        return 0
+    if isinstance(initializer, constants.Ones):
+        return 1
+    if isinstance(initializer, constants.Constant):
+        value = initializer.value
+        if isinstance(value, (int, float, np.number)) or (
+            np.ndim(value) == 0 and not isinstance(value, str)
+        ):
+            return float(value)
+    return None
+
+
+def initialize_in_blocks(variable, initializer):
+    """Initializes `variable` with each rank filling only its block, when
+    `initializer` is a constant and the variable's layout splits it.
+    Returns whether it did; if not, the caller builds the whole value."""
+    fill = constant_of(initializer)
+    if fill is None:
+        return False
+    layout = layout_of(variable)
+    if layout is None or all(axis is None for axis in layout.axes):
+        return False
+    value = torch.distributed.tensor.full(
+        tuple(variable._shape),
+        fill,
+        dtype=backend_core.to_torch_dtype(variable._dtype),
+        device_mesh=layout.device_mesh.backend_mesh,
+        placements=layout.backend_layout,
+    )
+    variable._initialize(value)
+    return True
+
+
 @contextlib.contextmanager
 def reading_replicas(replicas):
     """Inside, in this thread, the variables in `replicas` (`{id(variable):
@@ -142,23 +187,40 @@ def reads_local_values():
 @contextlib.contextmanager
 def gathering_over(axis):
     """Inside, in this thread, a variable split over mesh axis `axis` reads
-    as its value gathered over that axis, gathered once inside.
+    as its value gathered over that axis, as FSDP gathers it.
 
     The batch axis splits the data. A weight split over it too must be
-    gathered before use, as FSDP gathers it, for the activations to stay
-    split over the batch. DTensor's sharding propagation would instead
-    pick whichever operand is cheaper to move, and for an embedding table
-    or a weight larger than a rank's activations that is the activations:
-    every rank would then compute the whole batch. The gather is a
-    differentiable redistribution: its gradient comes back reduce-scattered,
-    laid out like the weight. Its memory is FSDP's without resharding after
-    the forward pass: a gathered weight is held until backward has used it.
+    gathered before use, for the activations to stay split over the batch.
+    DTensor's sharding propagation would instead pick whichever operand is
+    cheaper to move, and for an embedding table or a weight larger than a
+    rank's activations that is the activations: every rank would then
+    compute the whole batch. The gather is a differentiable redistribution:
+    its gradient comes back reduce-scattered, laid out like the weight.
+
+    Its memory, as FSDP's mixed precision has it: under a mixed precision
+    policy the block is cast to the compute dtype first, so the gather
+    moves and makes half the bytes; and a gathered weight lives while
+    something uses it (reads share it meanwhile, a later read gathers
+    again), not until the forward pass ends. What backward saves of it
+    stays until backward has used it: it is not gathered again there, as
+    FSDP's `reshard_after_forward` would.
     """
-    _local.gather_axis, _local.gathered = axis, {}
+    _local.gather_axis = axis
+    _local.gathered = weakref.WeakValueDictionary()
     try:
         yield
     finally:
         _local.gather_axis = _local.gathered = None
+
+
+def _gathered(variable, axis):
+    """`variable`'s value, cast as its reads are (autocast), then gathered
+    over `axis`; None when it is not split over `axis`."""
+    value = variable._value
+    names = value.device_mesh.mesh_dim_names or ()
+    if axis not in names or not value.placements[names.index(axis)].is_shard():
+        return None
+    return dtensor_ops.gathered_weight(variable._maybe_autocast(value), axis)
 
 
 def stand_in(variable):
@@ -178,12 +240,14 @@ def stand_in(variable):
     axis = getattr(_local, "gather_axis", None)
     if axis is None:
         return None
-    gathered = _local.gathered
     key = id(variable)
-    if key not in gathered:
-        value = dtensor_ops.gathered_weight(variable._value, axis)
-        gathered[key] = None if value is variable._value else value
-    return gathered[key]
+    gathered = _local.gathered.get(key)
+    if gathered is None:
+        gathered = _gathered(variable, axis)
+        if gathered is None:
+            return None
+        _local.gathered[key] = gathered
+    return gathered
 
 
 def _local_value(value):

@@ -1,13 +1,18 @@
 """Variables under a distribution: laid out as the distribution says, read
 and written as global values."""
 
+import contextlib
+
 import numpy as np
+import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import keras
 from keras.src import testing
+from keras.src.backend.torch.distribution import variables
 from keras.src.testing.multi_process import run_on_processes
 
 
@@ -78,6 +83,173 @@ def global_values():
     return result
 
 
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an op makes, DTensors' local ops
+    included (DTensor runs first, then its ops on blocks come here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
+        outputs = func(*args, **(kwargs or {}))
+        for output in torch.utils._pytree.tree_leaves(outputs):
+            if isinstance(output, torch.Tensor):
+                self.numel = max(self.numel, output.numel())
+        return outputs
+
+
+def constants_in_blocks():
+    """A split kernel of zeros, a split bias of 0.5 and their Adam slots:
+    the largest tensor made while building them, their values and
+    placements; then the losses of a short fit from them."""
+    keras.utils.set_random_seed(2)
+    with _model_parallel().scope():
+        dense = keras.layers.Dense(
+            1024,
+            kernel_initializer="zeros",
+            bias_initializer=keras.initializers.Constant(0.5),
+            name="dense",
+        )
+        optimizer = keras.optimizers.Adam()
+        largest = LargestTensor()
+        with largest:
+            dense.build((None, 64))
+            optimizer.build(dense.trainable_variables)
+        result = {
+            "largest": largest.numel,
+            "kernel": dense.kernel.numpy(),
+            "bias": dense.bias.numpy(),
+            "placements": [_placements(v) for v in dense.weights],
+            "slots": [
+                (_placements(v), float(np.abs(v.numpy()).max()))
+                for v in optimizer.variables[2:]
+            ],
+        }
+    result["losses"] = constant_model_losses(_model_parallel())
+    result["one_process_losses"] = constant_model_losses(None)
+    return result
+
+
+def constant_model_losses(distribution):
+    """Losses of a small fit from constant initial weights, under
+    `distribution` (None: no distribution)."""
+    keras.utils.set_random_seed(3)
+    with distribution.scope() if distribution else contextlib.nullcontext():
+        model = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(
+                    8,
+                    kernel_initializer=keras.initializers.Constant(0.1),
+                    bias_initializer="ones",
+                    activation="tanh",
+                    name="dense",
+                ),
+                keras.layers.Dense(1, name="head"),
+            ]
+        )
+        model.compile(optimizer="adam", loss="mse")
+    rng = np.random.RandomState(0)
+    x, y = rng.normal(size=(16, 6)), rng.normal(size=(16, 1))
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    return history.history["loss"]
+
+
+def fsdp_step(policy, distributed=True):
+    """Losses of a short fit of an MLP whose kernels are split over the
+    batch axis (FSDP's layout), under `policy`; and with `distributed`, a
+    step's collectives (kinds, and bytes gathered)."""
+    from keras.src.backend.torch.distribution.diagnostics import step_plan
+
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        scope = contextlib.nullcontext()
+        if distributed:
+            devices = keras.distribution.list_devices()
+            mesh = keras.distribution.DeviceMesh(
+                (len(devices), 1), ["batch", "model"], devices
+            )
+            layout_map = keras.distribution.LayoutMap(mesh)
+            layout_map[".*kernel"] = ("batch", None)
+            scope = keras.distribution.ModelParallel(
+                layout_map=layout_map
+            ).scope()
+        with scope:
+            keras.utils.set_random_seed(5)
+            model = keras.Sequential(
+                [
+                    keras.Input((16,)),
+                    keras.layers.Dense(32, activation="relu", name="up"),
+                    keras.layers.Dense(4, name="down"),
+                ]
+            )
+            model.compile(
+                optimizer="adam",
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True
+                ),
+            )
+            rng = np.random.RandomState(0)
+            x = rng.normal(size=(64, 16)).astype("float32")
+            y = rng.randint(0, 4, (64,))
+            history = model.fit(
+                x, y, batch_size=32, epochs=2, verbose=0, shuffle=False
+            )
+            if not distributed:
+                return history.history["loss"], None
+            recorder = step_plan.StepRecorder()
+            with recorder:
+                model.train_function([(x[:32], y[:32], None)])
+            step = recorder.result()
+        return history.history["loss"], {
+            "collectives": step["collectives_per_step"],
+            "gathered_bytes": step["collective_bytes_per_step"][
+                "all_gather_into_tensor"
+            ],
+        }
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+class VariableLayoutTest(testing.TestCase):
+    def test_constants_are_built_block_by_block(self):
+        self.assertEqual(variables.constant_of(keras.initializers.Zeros()), 0)
+        self.assertEqual(variables.constant_of(keras.initializers.Ones()), 1)
+        self.assertEqual(
+            variables.constant_of(keras.initializers.Constant(0.5)), 0.5
+        )
+        self.assertIsNone(
+            variables.constant_of(keras.initializers.Constant([1.0, 2.0]))
+        )
+        self.assertIsNone(
+            variables.constant_of(keras.initializers.GlorotUniform())
+        )
+        for result in run_on_processes(2, constants_in_blocks):
+            # The kernel is (64, 1024): each rank's block is 64 x 512. The
+            # whole, built upstream, would be 65,536 elements.
+            self.assertLessEqual(result["largest"], 64 * 512)
+            self.assertAllEqual(result["kernel"], np.zeros((64, 1024)))
+            self.assertAllEqual(result["bias"], np.full(1024, 0.5))
+            self.assertEqual(
+                result["placements"],
+                [(Replicate(), Shard(1)), (Replicate(), Shard(0))],
+            )
+            # Adam's momentum and velocity: zeros, laid out as the weights.
+            self.assertCountEqual(
+                result["slots"],
+                [
+                    ((Replicate(), Shard(1)), 0.0),
+                    ((Replicate(), Shard(0)), 0.0),
+                ]
+                * 2,
+            )
+            self.assertAllClose(
+                result["losses"], result["one_process_losses"], rtol=1e-6
+            )
+
 class VariableLayoutTest(testing.TestCase):
     def test_layouts(self):
         for result in run_on_processes(2, layouts):
@@ -109,3 +281,25 @@ class VariableLayoutTest(testing.TestCase):
             )
         # Every rank reads the same global value.
         self.assertAllEqual(results[0]["numpy"], results[1]["numpy"])
+
+    def test_weights_split_over_the_batch_gather_in_the_compute_dtype(self):
+        # FSDP's layout under mixed_bfloat16: each kernel's block is cast
+        # before it is gathered (a step gathers half the bytes it gathers
+        # in float32: the kernels and the outputs, all in bfloat16), and
+        # the kernels' gradients come back reduce-scattered, as in float32.
+        # (Cast after the gather, the gathered weight was taken for an
+        # activation and its gradient all-reduced.)
+        gathered = {}
+        for policy in ("float32", "mixed_bfloat16"):
+            (expected, _), *_ = run_on_processes(
+                1, fsdp_step, policy, False
+            )
+            results = run_on_processes(2, fsdp_step, policy)
+            for losses, step in results:
+                self.assertEqual(
+                    step["collectives"].get("reduce_scatter_tensor"), 2
+                )
+                self.assertNotIn("all_reduce", step["collectives"])
+                self.assertAllClose(losses, expected, rtol=1e-3)
+            gathered[policy] = results[0][1]["gathered_bytes"]
+        self.assertEqual(gathered["mixed_bfloat16"] * 2, gathered["float32"])

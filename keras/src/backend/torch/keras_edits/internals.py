@@ -61,13 +61,9 @@ KERAS_REPLACED = (
     *_in_both(CORE, "slice_update", "torch_core"),
     *_in_both(CORE, "remat", "torch_core"),
     *_in_both(CORE, "Variable._convert_to_tensor", "torch_core"),
-    # Keras 3.16 lays variables out itself there.
-    (
-        CORE["3.16"],
-        "Variable._initialize_with_initializer",
-        "torch_core",
-        "3.16",
-    ),
+    # Constants filled block by block; Keras 3.16's own layout there is
+    # not used.
+    *_in_both(CORE, "Variable._initialize_with_initializer", "torch_core"),
     *_in_both(NN, "dot_product_attention", "torch_nn"),
     *_in_both(NN, "sparse_categorical_crossentropy", "torch_nn"),
     # Keras 3.16 skips this check under torch.compile itself.
@@ -284,6 +280,8 @@ KERAS_USED = (
     # The torch backend's conversions, called by `variables`.
     (CORE["3.15"], "convert_to_tensor", "3.15"),
     (CORE["3.16"], "convert_to_tensor", "3.16"),
+    (CORE["3.15"], "to_torch_dtype", "3.15"),
+    (CORE["3.16"], "to_torch_dtype", "3.16"),
     (CORE["3.15"], "get_device", "3.15"),
     (CORE["3.16"], "get_device", "3.16"),
     # Called by the train/test/predict functions that the trainer wraps.
@@ -303,6 +301,11 @@ KERAS_USED = (
         "keras.src.backend.common.variables",
         "Variable._initialize_with_initializer",
     ),
+    # Constant initializers, told apart, and a `Constant`'s `value`
+    # (`variables.constant_of`; `variables_test` reads it).
+    ("keras.src.initializers.constant_initializers", "Zeros"),
+    ("keras.src.initializers.constant_initializers", "Ones"),
+    ("keras.src.initializers.constant_initializers", "Constant"),
     # Local replicas: a model's `call` looked up on the instance (replaced
     # there during a step), its state, and its outputs' masks.
     ("keras.src.ops.operation", "Operation.__call__"),

@@ -7,7 +7,9 @@ data-parallel step (as its value gathered over the batch axis inside a
 forward pass on the DTensor route), and keeps its layout when assigned (see
 `distribution/variables.py`). Keras 3.16 moved this file to
 `keras/src/backend/torch/ops/core.py` and lays variables out on its own in
-`_initialize_with_initializer`, which is switched off here.
+`_initialize_with_initializer`, which is switched off here. Upstream, a
+split variable with a constant initializer (zeros, ones: optimizer slots,
+biases, norms) is filled block by block, never built whole.
 
 `remat(f)` recomputes `f` in the context of its forward call: Keras's
 autocast scope (upstream, a rematerialized layer under a mixed precision
@@ -28,11 +30,15 @@ def _initialize(self, value):
     variables.initialize(self, value)
 
 
-def _common_initialize_with_initializer(upstream):
+def _constants_in_blocks(upstream):
     def initialize_with_initializer(self, initializer):
-        """Stands for `Variable._initialize_with_initializer` (Keras 3.16,
-        which lays variables out on its own there): the common variable's,
-        whose `_initialize` (above) lays the value out."""
+        """Stands for `Variable._initialize_with_initializer`: a constant
+        initializer under a layout that splits the variable fills each
+        rank's block only. Otherwise the common variable's, whose
+        `_initialize` (above) lays the value out: upstream in Keras 3.15;
+        Keras 3.16's own, which lays variables out itself, is not used."""
+        if variables.initialize_in_blocks(self, initializer):
+            return
         super(
             backend_core.module().Variable, self
         )._initialize_with_initializer(initializer)
@@ -106,9 +112,4 @@ def apply(core_module):
     edit_property(variable, "value", _value_property)
     edit(variable, "_convert_to_tensor", _variable_convert_to_tensor)
     edit(variable, "_direct_assign", lambda upstream: _direct_assign)
-    if "_initialize_with_initializer" in vars(variable):  # Keras 3.16
-        edit(
-            variable,
-            "_initialize_with_initializer",
-            _common_initialize_with_initializer,
-        )
+    edit(variable, "_initialize_with_initializer", _constants_in_blocks)
