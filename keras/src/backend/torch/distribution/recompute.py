@@ -22,10 +22,23 @@ Inside the forward pass that is the context already in place; in the
 recomputation it is put in place for `f`'s span, then what was there is
 put back. A call that runs outside any autocast scope and any
 distribution is checkpointed exactly as upstream.
+
+Here the recomputation also runs to the end of `f`. torch stops it early,
+once it has what backward needs, by raising an exception inside `f`; that
+exception's traceback holds the frames of `f`'s recomputation, with their
+tensors, in a reference cycle. Until Python's collector ran, each step
+kept the previous step's recomputed tensors alive: on a rematerialized
+Gemma, 3.2 MB carried into a step whose own peak was 3.2 MB
+(`recompute_test` counts the tensors left in cycles). The price: the
+layer's last ops, its last collective among them, are recomputed too.
+Upstream (no autocast scope, no distribution) still stops early and
+leaves the cycle.
 """
 
 import contextlib
 import threading
+
+from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from keras.src.backend.common import global_state
 from keras.src.backend.common.variables import AutocastScope
@@ -59,7 +72,8 @@ def remat(f, upstream):
         if context is None:
             return unchanged(*args, **kwargs)
         # An argument: torch's checkpoint keeps it for the recomputation.
-        return checkpointed(context, *args, **kwargs)
+        with set_checkpoint_early_stop(False):
+            return checkpointed(context, *args, **kwargs)
 
     return wrapped
 

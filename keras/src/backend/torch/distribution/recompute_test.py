@@ -2,6 +2,7 @@
 one process and on every route, recomputed in their forward's context."""
 
 import contextlib
+import gc
 import threading
 
 import numpy as np
@@ -49,6 +50,36 @@ def train(distribution_name, rematerialized=True, on_dtensors=False):
         keras.distribution.set_distribution(None)
     train_route = routes.get("train", routes.get("all"))
     return history.history["loss"], train_route and train_route[0]
+
+
+def tensors_in_cycles(distribution_name):
+    """How many tensors a rematerialized model's training step leaves in
+    reference cycles (garbage only Python's cyclic collector frees)."""
+    keras.utils.set_random_seed(7)
+    keras.distribution.set_distribution(
+        models.distribution(distribution_name, "blocks")
+    )
+    try:
+        with keras.RematScope(mode="full"):
+            model = models.MODELS["blocks"][0]()
+        model.compile(
+            optimizer="adam",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        x, y = models.data("blocks", samples=8)
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        batch = [(torch.as_tensor(x), torch.as_tensor(y), None)]
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # Collected objects kept to count.
+        try:
+            model.train_function(batch)
+            gc.collect()
+            return sum(isinstance(o, torch.Tensor) for o in gc.garbage)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    finally:
+        keras.distribution.set_distribution(None)
 
 
 class RecomputeTest(testing.TestCase):
@@ -99,3 +130,11 @@ class RecomputeTest(testing.TestCase):
         np.testing.assert_allclose(x.grad, 2 * np.cos(1.0) * np.ones(3))
         self.assertIsNone(get_autocast_scope())
         self.assertFalse(variables.reads_local_values())
+
+    def test_a_step_leaves_no_tensor_in_reference_cycles(self):
+        # torch stops a recomputation early by raising inside it; the
+        # traceback's frames, with their tensors, stayed in a reference
+        # cycle until the collector ran: 14 tensors a step here.
+        for name in ("data", "model"):
+            found = run_on_processes(2, tensors_in_cycles, name)
+            self.assertEqual(found, [0, 0], name)
