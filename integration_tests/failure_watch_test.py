@@ -1,5 +1,6 @@
 """When one rank fails, every other rank exits non-zero well inside the
-collective timeout, naming the failed rank."""
+collective timeout, naming the failed rank; a rank that is only slow to
+write a file fails nobody."""
 
 import os
 import signal
@@ -13,6 +14,7 @@ from absl.testing import parameterized
 from keras.src import testing
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "failing_rank.py")
+SLOW_WRITER = os.path.join(os.path.dirname(__file__), "slow_writer.py")
 TIMEOUT_SECONDS = 40
 
 
@@ -129,3 +131,28 @@ class TorchrunRootCauseTest(testing.TestCase):
         self.assertRegex(summary, r"exitcode\s*: 1 ")
         # The failing rank keeps a non-daemon thread alive for 120 s.
         self.assertLess(seconds, TIMEOUT_SECONDS, result.stderr)
+
+
+class SlowWriterTest(testing.TestCase):
+    def test_a_write_longer_than_the_timeout_stops_no_rank(self):
+        # Rank 0 writes for twice the collective timeout; the other rank
+        # waits on the store, not inside a collective bounded by it. (A
+        # shorter timeout, gloo may not connect in on a busy machine.)
+        timeout = 8
+        path = os.path.join(self.get_temp_dir(), "slow.weights.h5")
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            + ["--nproc_per_node=2", SLOW_WRITER, path, str(2 * timeout)],
+            env=dict(
+                os.environ,
+                KERAS_BACKEND="torch",
+                KERAS_DISTRIBUTION_TIMEOUT=str(timeout),
+                OMP_NUM_THREADS="1",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        for rank in range(2):
+            self.assertIn(f"rank {rank} saved and loaded", result.stdout)

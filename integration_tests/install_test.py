@@ -106,6 +106,15 @@ class InstallTest(testing.TestCase):
             module.stdout + module.stderr,
         )
         self.assertEqual(snapshot(site_packages)[0], plain_keras[0])
+        # The package's command line; Keras's own `-m keras` is as it was.
+        command = run([python, "-m", "keras_torch_distribution"], cwd=work)
+        self.assertEqual(command.returncode, 2, command.stderr)
+        self.assertIn(
+            "usage: python -m keras_torch_distribution {describe}",
+            command.stderr,
+        )
+        as_keras = run([python, "-m", "keras"], env=env, cwd=work)
+        self.assertIn("cannot be directly executed", as_keras.stderr)
 
         result = run(
             [python, "-m", "pip", "uninstall", "-y", "keras-torch-distribution"]

@@ -13,13 +13,18 @@ writes. The helpers here keep that safe:
   whole; the next successful save removes what crashed ones left;
 - `on_writer` runs a write on rank 0 and raises its failure on every rank,
   so no rank goes on while another has failed. It is also a barrier: once
-  it returns, every rank sees the file.
+  it returns, every rank sees the file. The other ranks wait for the
+  write on the store, without a limit: a write slower than the collective
+  timeout (a large model, a slow file system) no longer stops healthy
+  ranks. Whether rank 0 is alive meanwhile is `failure_watch`'s to tell
+  (a rank killed, crashed or frozen ends every rank).
 """
 
 import contextlib
 import os
 import re
 import shutil
+import time
 import uuid
 
 import torch.distributed as dist
@@ -27,6 +32,10 @@ import torch.distributed as dist
 from keras.src.backend.torch.distribution import process_group
 
 _arrivals = [0]
+_writes = [0]
+
+# How often a rank waiting for the writer asks whether it is done.
+POLL_SECONDS = 0.5
 
 
 def all_arrive(what):
@@ -66,15 +75,34 @@ def on_writer(write, what):
     Returns:
         `write()`'s result on rank 0, None on the other ranks.
     """
-    result, error = (
-        attempt(write) if process_group.is_rank_zero() else (None, None)
-    )
+    if not process_group.is_multi_process():
+        return write()
+    _writes[0] += 1
+    done = f"keras/writes/{_writes[0]}/done"
+    store = dist.distributed_c10d._get_default_store()
+    if process_group.is_rank_zero():
+        result, error = attempt(write)
+        store.set(done, "1")
+    else:
+        result, error = None, None
+        _wait_without_limit(store, done)
+    # Every rank is here: no wait left for the timeout to bound.
     outcome = process_group.agree(described(error))
     if error is None and outcome is not None:
         raise RuntimeError(f"Rank 0 failed writing {what}: {outcome}")
     if error is not None:
         raise error
     return result
+
+
+def _wait_without_limit(store, key):
+    """Returns once `key` is set in `store`; raises if the store is gone.
+
+    It asks rather than waits: a store's client serves one request at a
+    time, and a long wait would hold back this rank's heartbeat
+    (`failure_watch`), which the others would take for a death."""
+    while not store.check([key]):
+        time.sleep(POLL_SECONDS)
 
 
 def attempt(run):
