@@ -7,9 +7,11 @@ out a large weight as a `PartialRead` (see the `saving_lib` companion),
 and a sharded variable assigned from one reads its block (see the
 `torch_core` companion); any other use reads the whole weight, as before.
 So no rank ever holds the full model, where on JAX every process reads
-every weight whole.
+every weight whole. bfloat16 weights too: Keras stores them as 2-byte
+opaque values marked `dtype="bfloat16"`, which a block reads as they are.
 """
 
+import ml_dtypes
 import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
@@ -31,6 +33,7 @@ class PartialRead:
 
     def __init__(self, dataset):
         self.dataset = dataset
+        self.bfloat16 = is_bfloat16(dataset)
 
     @property
     def shape(self):
@@ -38,6 +41,8 @@ class PartialRead:
 
     @property
     def dtype(self):
+        if self.bfloat16:
+            return np.dtype(ml_dtypes.bfloat16)
         return self.dataset.dtype
 
     @property
@@ -48,11 +53,15 @@ class PartialRead:
         return len(self.dataset)
 
     def __getitem__(self, index):
-        return self.dataset[index]
+        return self._read(index)
 
     def __array__(self, dtype=None, copy=None):
-        array = self.dataset[()]
+        array = self._read(())
         return array if dtype is None else array.astype(dtype)
+
+    def _read(self, index):
+        array = self.dataset[index]
+        return array.view(ml_dtypes.bfloat16) if self.bfloat16 else array
 
     def block_like(self, like):
         """The DTensor laid out like `like` (a DTensor of this shape), of
@@ -66,11 +75,26 @@ class PartialRead:
             for start, size in zip(offset, local_shape)
         )
         block = np.ascontiguousarray(self.dataset[index])
+        if self.bfloat16:
+            local = torch.from_numpy(block.view(np.uint16)).view(torch.bfloat16)
+        else:
+            local = torch.from_numpy(block)
         return DTensor.from_local(
-            torch.from_numpy(block).to(like.device),
+            local.to(like.device),
             mesh,
             placements,
             shape=like.shape,
             stride=like.stride(),
             run_check=False,
         )
+
+
+def is_bfloat16(dataset):
+    """Whether `dataset` holds bfloat16 values, as Keras marks them."""
+    return dataset.attrs.get("dtype") == "bfloat16"
+
+
+def readable_in_blocks(dataset):
+    """Whether `dataset` can be read a block at a time: its values as
+    stored, or bfloat16 as Keras marks them."""
+    return "dtype" not in dataset.attrs or is_bfloat16(dataset)

@@ -6,10 +6,12 @@ import hashlib
 import os
 import tempfile
 
+import numpy as np
 import torch.distributed as dist
 
 import keras
 from keras.src import testing
+from keras.src.backend.torch.distribution.saving import h5_partial_read
 from keras.src.backend.torch.distribution.saving import single_writer
 from keras.src.testing import checkpoint_models as cm
 from keras.src.testing import multi_process
@@ -52,6 +54,37 @@ def save_untrained(directory, mesh):
     model.optimizer.build(model.trainable_variables)
     model.save_weights(os.path.join(directory, f"{mesh}.weights.h5"))
     keras.distribution.set_distribution(None)
+
+
+def bfloat16_model():
+    """The test MLP in bfloat16, its wide kernel 512 x 1024 (1 MiB)."""
+    keras.config.set_dtype_policy("bfloat16")
+    try:
+        return cm.model(width=1024, features=512)
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def load_bfloat16_in_blocks(path):
+    """Loads `path` into the bfloat16 MLP on 1x2; returns this rank's block
+    of the wide kernel (as float32) and the shapes read a block at a time."""
+    _set("1x2")
+    model = bfloat16_model()
+    reads = []
+    upstream = h5_partial_read.PartialRead.block_like
+
+    def block_like(self, like):
+        reads.append(tuple(self.shape))
+        return upstream(self, like)
+
+    h5_partial_read.PartialRead.block_like = block_like
+    try:
+        model.load_weights(path)
+    finally:
+        h5_partial_read.PartialRead.block_like = upstream
+        keras.distribution.set_distribution(None)
+    kernel = model.get_layer("wide").kernel.value
+    return kernel.to_local().detach().float().numpy(), reads
 
 
 def save_failing_on_rank_0(path, crash):
@@ -225,6 +258,23 @@ class SingleFileCheckpointTest(testing.TestCase):
         ):
             cm.assert_states_equal(weights_state, expected)
             cm.assert_states_equal(model_state, expected)
+
+    def test_bfloat16_weights_are_read_a_block_at_a_time(self):
+        # Keras stores bfloat16 as 2-byte opaque values, marked; each rank
+        # reads its block of the 1 MiB kernel, as it does in float32.
+        path = os.path.join(self.get_temp_dir(), "bf16.weights.h5")
+        model = bfloat16_model()
+        kernel = model.get_layer("wide").kernel
+        kernel.assign(kernel.numpy().astype("float32") + 1.0)
+        model.save_weights(path)
+        expected = kernel.numpy().astype("float32")
+        for rank, (block, reads) in enumerate(
+            run_on_processes(2, load_bfloat16_in_blocks, path)
+        ):
+            self.assertEqual(reads, [(512, 1024)])
+            np.testing.assert_array_equal(
+                block, expected[:, rank * 512 : (rank + 1) * 512]
+            )
 
     def test_a_failed_write_raises_everywhere_and_keeps_the_previous(self):
         path = os.path.join(tempfile.mkdtemp(), "w.weights.h5")

@@ -134,9 +134,8 @@ def stored_weight(store, key, read):
     if not process_group.is_multi_process():
         return read(store, key)
     dataset = saving_lib.safe_get_h5_dataset(store._h5_entry_group, key)
-    if (
-        dataset.nbytes < h5_partial_read.MIN_BYTES
-        or "dtype" in dataset.attrs  # bfloat16, converted upstream.
+    if dataset.nbytes < h5_partial_read.MIN_BYTES or not (
+        h5_partial_read.readable_in_blocks(dataset)
     ):
         return read(store, key)
     return h5_partial_read.PartialRead(dataset)
