@@ -108,21 +108,31 @@ class FailureWatchTest(testing.TestCase):
                     stop(process)
 
 
+def torchrun(arguments, collective_timeout, wait_seconds):
+    """Runs `arguments` (a script and its arguments) on 2 processes under
+    torchrun, with `collective_timeout` seconds for collectives; returns
+    the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        + ["--nproc_per_node=2"]
+        + list(arguments),
+        env=dict(
+            os.environ,
+            KERAS_BACKEND="torch",
+            KERAS_DISTRIBUTION_TIMEOUT=str(collective_timeout),
+            OMP_NUM_THREADS="1",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=wait_seconds,
+    )
+
+
 class TorchrunRootCauseTest(testing.TestCase):
     def test_torchrun_names_the_rank_that_failed(self):
         started = time.monotonic()
-        result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-            + ["--nproc_per_node=2", SCRIPT, "1", "raise"],
-            env=dict(
-                os.environ,
-                KERAS_BACKEND="torch",
-                KERAS_DISTRIBUTION_TIMEOUT=str(TIMEOUT_SECONDS),
-                OMP_NUM_THREADS="1",
-            ),
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_SECONDS * 2,
+        result = torchrun(
+            [SCRIPT, "1", "raise"], TIMEOUT_SECONDS, TIMEOUT_SECONDS * 2
         )
         seconds = time.monotonic() - started
         self.assertNotEqual(result.returncode, 0)
@@ -140,19 +150,7 @@ class SlowWriterTest(testing.TestCase):
         # shorter timeout, gloo may not connect in on a busy machine.)
         timeout = 8
         path = os.path.join(self.get_temp_dir(), "slow.weights.h5")
-        result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-            + ["--nproc_per_node=2", SLOW_WRITER, path, str(2 * timeout)],
-            env=dict(
-                os.environ,
-                KERAS_BACKEND="torch",
-                KERAS_DISTRIBUTION_TIMEOUT=str(timeout),
-                OMP_NUM_THREADS="1",
-            ),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = torchrun([SLOW_WRITER, path, str(2 * timeout)], timeout, 120)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         for rank in range(2):
             self.assertIn(f"rank {rank} saved and loaded", result.stdout)

@@ -1,6 +1,7 @@
 """Tests of checkpoints: one small model under every distribution kind, and
 a way to measure a process's peak memory."""
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -90,3 +91,23 @@ def _status_bytes(field):
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise KeyError(field)
+
+
+@contextlib.contextmanager
+def block_reads():
+    """Inside, the shapes of the weights read from a file a block at a
+    time are listed in the yielded list."""
+    from keras.src.backend.torch.distribution.saving import h5_partial_read
+
+    shapes = []
+    upstream = h5_partial_read.PartialRead.block_like
+
+    def block_like(self, like):
+        shapes.append(tuple(self.shape))
+        return upstream(self, like)
+
+    h5_partial_read.PartialRead.block_like = block_like
+    try:
+        yield shapes
+    finally:
+        h5_partial_read.PartialRead.block_like = upstream

@@ -72,14 +72,16 @@ class StepRecorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.recording = True
+        self.live = 0
+        self.tracked = {}  # id(storage) -> finalizer
         self.start_step()
 
     def start_step(self):
         """Counts from zero: what earlier steps made no longer counts,
         when it is freed either. What they made and is still alive is
         `carried` (a route's gradient buffers, kept from step to step)."""
-        self.carried = self.live if hasattr(self, "live") else 0
-        for finalizer in getattr(self, "tracked", {}).values():
+        self.carried = self.live
+        for finalizer in self.tracked.values():
             finalizer.detach()
         self.collectives = {}
         self.collective_bytes = {}

@@ -11,7 +11,6 @@ import torch.distributed as dist
 
 import keras
 from keras.src import testing
-from keras.src.backend.torch.distribution.saving import h5_partial_read
 from keras.src.backend.torch.distribution.saving import single_writer
 from keras.src.testing import checkpoint_models as cm
 from keras.src.testing import multi_process
@@ -70,18 +69,10 @@ def load_bfloat16_in_blocks(path):
     of the wide kernel (as float32) and the shapes read a block at a time."""
     _set("1x2")
     model = bfloat16_model()
-    reads = []
-    upstream = h5_partial_read.PartialRead.block_like
-
-    def block_like(self, like):
-        reads.append(tuple(self.shape))
-        return upstream(self, like)
-
-    h5_partial_read.PartialRead.block_like = block_like
     try:
-        model.load_weights(path)
+        with cm.block_reads() as reads:
+            model.load_weights(path)
     finally:
-        h5_partial_read.PartialRead.block_like = upstream
         keras.distribution.set_distribution(None)
     kernel = model.get_layer("wide").kernel.value
     return kernel.to_local().detach().float().numpy(), reads

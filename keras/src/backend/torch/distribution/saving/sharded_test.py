@@ -15,7 +15,6 @@ import keras
 from keras.src import testing
 from keras.src.backend.torch.distribution import load_sharded
 from keras.src.backend.torch.distribution import save_sharded
-from keras.src.backend.torch.distribution.saving import h5_partial_read
 from keras.src.testing import checkpoint_models as cm
 from keras.src.testing import multi_process
 from keras.src.testing.multi_process import run_on_processes
@@ -81,18 +80,8 @@ def wide_model_growth(path):
     model = cm.model(width=WIDE, features=WIDE)
     model.optimizer.build(model.trainable_variables)
     directory = os.path.join(os.path.dirname(path), "sharded")
-    block_reads = []
-    upstream = h5_partial_read.PartialRead.block_like
-
-    def block_like(self, like):
-        block_reads.append(tuple(self.shape))
-        return upstream(self, like)
-
-    h5_partial_read.PartialRead.block_like = block_like
-    try:
+    with cm.block_reads() as block_reads:
         load_growth = cm.peak_growth(lambda: model.load_weights(path))
-    finally:
-        h5_partial_read.PartialRead.block_like = upstream
     growth = {
         "load_weights": load_growth,
         "save_sharded": cm.peak_growth(lambda: save_sharded(model, directory)),
