@@ -3,11 +3,20 @@ one process, in one run.
 
     KERAS_BACKEND=torch python benchmarks/generate.py
 
-Launches the same script on 1 process (no distribution) and on 2 gloo
-processes (ModelParallel 1x2 under `GemmaBackbone.get_layout_map`, and
-DataParallel), each generating 32 tokens for 8 prompts with a greedy
-sampler on a small Gemma, after one warm-up generation. Prints one JSON
-line: tokens per second for each, and each one's ratio to one process.
+For each model shape in `SHAPES`, launches the same script on 1 process
+(no distribution) and on 2 gloo processes (DataParallel, and ModelParallel
+1x2 under `GemmaBackbone.get_layout_map`), each process with one thread,
+each generating with a greedy sampler (the fastest of `REPEATS` timed
+generations, after a warm-up). Prints
+one JSON line: tokens per second for each, and each one's ratio to one
+process's, by shape.
+
+Also one process on half the prompts: a rank's share under DataParallel.
+Its time bounds what splitting the prompts can gain, since Keras's cost
+per generated position (its layer calls, ops and sampler, on one process
+as on each rank) does not shrink with the rows: `data_parallel_2_ceiling`
+is the one-process time over the half-prompts time, the ratio DataParallel
+would reach if the ranks cost nothing more than one process on their rows.
 """
 
 import json
@@ -16,10 +25,44 @@ import time
 
 import launches  # This directory.
 
-PROMPTS, NEW_TOKENS, LENGTH = 8, 32, 48
+REPEATS = 3  # Timed generations, after a warm-up; the fastest counts.
+
+# name: (backbone arguments, prompts, prompt length, generated length).
+SHAPES = {
+    # The shape issue 35 measured.
+    "gemma_512": (
+        dict(
+            vocabulary_size=4096,
+            num_layers=4,
+            num_query_heads=8,
+            num_key_value_heads=2,
+            hidden_dim=512,
+            intermediate_dim=2048,
+            head_dim=64,
+        ),
+        16,
+        8,
+        64,
+    ),
+    # Narrower and shallower, a larger vocabulary, more and longer prompts.
+    "gemma_256_wide_vocabulary": (
+        dict(
+            vocabulary_size=16384,
+            num_layers=2,
+            num_query_heads=4,
+            num_key_value_heads=1,
+            hidden_dim=256,
+            intermediate_dim=1024,
+            head_dim=64,
+        ),
+        32,
+        16,
+        48,
+    ),
+}
 
 
-def measure(distribution_name):
+def measure(distribution_name, shape_name, share=1):
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -40,56 +83,62 @@ def measure(distribution_name):
         )
     elif distribution_name == "data":
         keras.distribution.set_distribution(keras.distribution.DataParallel())
-    backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=1024,
-        num_layers=4,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        hidden_dim=256,
-        intermediate_dim=1024,
-        head_dim=64,
-    )
+    arguments, prompts, prompt_length, length = SHAPES[shape_name]
+    prompts //= int(share)
+    backbone = keras_hub.models.GemmaBackbone(**arguments)
     lm = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
     lm.compile(sampler="greedy")
-    prompt_length = LENGTH - NEW_TOKENS
-    token_ids = np.zeros((PROMPTS, LENGTH), "int32")
+    token_ids = np.zeros((prompts, length), "int32")
     token_ids[:, :prompt_length] = np.random.RandomState(0).randint(
-        1, 1024, (PROMPTS, prompt_length)
+        1, arguments["vocabulary_size"], (prompts, prompt_length)
     )
     mask = np.zeros_like(token_ids)
     mask[:, :prompt_length] = 1
     inputs = {"token_ids": token_ids, "padding_mask": mask}
     lm.generate(inputs, stop_token_ids=None)  # Warm-up.
-    started = time.perf_counter()
-    lm.generate(inputs, stop_token_ids=None)
-    seconds = time.perf_counter() - started
+    seconds = []
+    for _ in range(REPEATS):
+        started = time.perf_counter()
+        lm.generate(inputs, stop_token_ids=None)
+        seconds.append(time.perf_counter() - started)
+    seconds = min(seconds)  # Each rank's own; the ranks wait for each other.
     if not dist.is_initialized() or dist.get_rank() == 0:
-        rate = PROMPTS * NEW_TOKENS / seconds
+        rate = prompts * (length - prompt_length) / seconds
         print("GENERATE " + json.dumps({distribution_name: rate}))
 
 
-def launch(distribution_name, processes):
+def launch(distribution_name, shape_name, processes, share=1):
     stdout = launches.run_script(
-        __file__, [distribution_name], processes, what=distribution_name
+        __file__,
+        [distribution_name, shape_name, str(share)],
+        processes,
+        what=f"{distribution_name} on {shape_name}",
     )
     (rates,) = launches.tagged(stdout, "GENERATE")
     return rates[distribution_name]
 
 
 def main():
-    rates = {"one_process": launch("none", 1)}
-    rates["model_parallel_1x2"] = launch("model", 2)
-    rates["data_parallel_2"] = launch("data", 2)
-    summary = {f"{k}_tokens_per_second": v for k, v in rates.items()}
-    for name in ("model_parallel_1x2", "data_parallel_2"):
-        summary[f"{name}_ratio_vs_one_process"] = (
-            rates[name] / rates["one_process"]
-        )
+    summary = {}
+    for shape_name in SHAPES:
+        rates = {"one_process": launch("none", shape_name, 1)}
+        half = launch("none", shape_name, 1, share=2)
+        rates["data_parallel_2"] = launch("data", shape_name, 2)
+        rates["model_parallel_1x2"] = launch("model", shape_name, 2)
+        shape = {f"{k}_tokens_per_second": v for k, v in rates.items()}
+        shape["one_process_half_prompts_tokens_per_second"] = half
+        for name in ("data_parallel_2", "model_parallel_1x2"):
+            shape[f"{name}_ratio_vs_one_process"] = (
+                rates[name] / rates["one_process"]
+            )
+        # Time on all the prompts over time on half of them.
+        shape["data_parallel_2_ceiling"] = 2 * half / rates["one_process"]
+        summary[shape_name] = shape
     print(json.dumps(summary))
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1:
-        measure(sys.argv[1])
+        measure(*sys.argv[1:])
     else:
         main()

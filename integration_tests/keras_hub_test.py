@@ -8,6 +8,7 @@ from torch.distributed.tensor import DTensor
 
 import keras
 from keras.src import testing
+from keras.src.testing.collectives import Collectives
 from keras.src.testing.multi_process import run_on_processes
 
 VOCABULARY = 64
@@ -209,6 +210,80 @@ class GenerateTest(testing.TestCase):
                     expected_placements.reverse()
                 self.assertEqual(placements, expected_placements)
                 self.assertEqual(local_shape, (2, 2, 2, 8, local_heads, 8))
+
+
+# Ragged prompts for `DataParallel` on 2 ranks: 3 prompts (rank 0 holds
+# lengths 2 and 5, rank 1 length 4: longer than the shortest, so rank 1
+# generates beside a stand-in row), and the second alone (rank 1 holds
+# none).
+RAGGED_LENGTHS = (2, 5, 4)
+
+
+def _ragged_prompts():
+    tokens = np.random.RandomState(3).randint(1, VOCABULARY, (3, 10))
+    mask = np.arange(10)[None, :] < np.array(RAGGED_LENGTHS)[:, None]
+    return (tokens * mask).astype("int32"), mask
+
+
+def generated_on_rows(distribution_name):
+    """Tokens and masks of a tiny Gemma's `generate()` on ragged prompts
+    (top-k, without and then with a stop token taken from the first
+    output), and the collectives of each generation (DTensor's and
+    `torch.distributed`'s alike)."""
+    tokens, mask = _ragged_prompts()
+    cases = {
+        "three": {"token_ids": tokens, "padding_mask": mask},
+        "one": {"token_ids": tokens[1:2], "padding_mask": mask[1:2]},
+    }
+    keras.utils.set_random_seed(0)
+    _set_distribution(distribution_name, None)
+    lm = causal_lm("gemma", 2)
+    results, counts = {}, {}
+    for name, prompts in cases.items():
+        lm.compile(sampler=_sampler("top_k"))
+        with Collectives() as unstopped_comm:
+            out = lm.generate(prompts, stop_token_ids=None)
+        unstopped = np.asarray(out["token_ids"]).tolist()
+        # The row's second new token stops it.
+        stop = unstopped[0][int(prompts["padding_mask"][0].sum()) + 1]
+        lm.compile(sampler=_sampler("top_k"))
+        with Collectives() as stopped_comm:
+            out = lm.generate(prompts, stop_token_ids=(stop,))
+        results[name] = (
+            unstopped,
+            np.asarray(out["token_ids"]).tolist(),
+            np.asarray(out["padding_mask"]).tolist(),
+        )
+        counts[name] = (
+            sum(unstopped_comm.counts.values()),
+            sum(stopped_comm.counts.values()),
+        )
+    keras.distribution.set_distribution(None)
+    return results, counts
+
+
+class GenerateOnRowsTest(testing.TestCase):
+    def test_data_parallel_ranks_generate_their_rows(self):
+        (expected,) = run_on_processes(1, generated_on_rows, None)
+        for results, counts in run_on_processes(
+            2, generated_on_rows, "data"
+        ):
+            self.assertEqual(results, expected[0])
+            for name, (unstopped, stopped) in counts.items():
+                # The prompts' 2 inputs gathered once to find each rank's
+                # rows, the 2 outputs once when `generate()` reads them;
+                # nothing while generating (on DTensors, every position
+                # took several collectives).
+                self.assertEqual(unstopped, 4, name)
+                # With a stop token, one all-reduce of one flag per
+                # position (at most 8 here, and one more to end).
+                self.assertLessEqual(stopped, 4 + 9, name)
+                self.assertGreater(stopped, 4, name)
+        # The stop token cut the first row where it first appeared.
+        unstopped, _, mask = expected[0]["three"]
+        start = RAGGED_LENGTHS[0]
+        stop = unstopped[0][start + 1]
+        self.assertEqual(_cut_after(mask[0], unstopped[0], stop, start), 3)
 
 
 def lora_fit(distribution_name):

@@ -110,6 +110,10 @@ COMPANIONS = {
     "keras.src.utils.torch_utils": (
         "keras.src.backend.torch.keras_edits.torch_utils"
     ),
+    # KerasHub's, applied when KerasHub is imported.
+    "keras_hub.src.models.causal_lm": (
+        "keras.src.backend.torch.keras_edits.keras_hub_causal_lm"
+    ),
 }
 
 # Our modules that take the place of the Keras module of the same name, in

@@ -60,6 +60,7 @@ KERAS_REPLACED = (
     *_in_both(CORE, "convert_to_numpy", "torch_core"),
     *_in_both(CORE, "slice_update", "torch_core"),
     *_in_both(CORE, "remat", "torch_core"),
+    *_in_both(CORE, "while_loop", "torch_core"),
     *_in_both(CORE, "Variable._convert_to_tensor", "torch_core"),
     # Constants filled block by block; Keras 3.16's own layout there is
     # not used.
@@ -455,6 +456,18 @@ BACKUP_AND_RESTORE_ATTRIBUTES = (
     "_prev_training_metadata_path",
     "_current_epoch",
     "_last_batch_seen",
+)
+
+# KerasHub attributes that a companion replaces (KerasHub is optional;
+# checked against keras-hub 0.32.0 and keras-hub-nightly
+# 0.33.0.dev202610250352), as in `KERAS_REPLACED`, for every series.
+KERAS_HUB_REPLACED = (
+    (
+        "keras_hub.src.models.causal_lm",
+        "CausalLM.make_generate_function",
+        "keras_hub_causal_lm",
+        None,
+    ),
 )
 
 # TensorFlow (optional: tf.data input), checked against 2.20.0.

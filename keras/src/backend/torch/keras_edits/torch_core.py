@@ -15,10 +15,14 @@ biases, norms) is filled block by block, never built whole.
 autocast scope (upstream, a rematerialized layer under a mixed precision
 policy raised `CheckpointError`, even on one process) and a distributed
 step's per-thread state (`distribution/recompute.py`).
+
+While a rank generates its own rows of a batch (`distribution/generation.py`),
+`while_loop` goes on while its condition holds on any rank.
 """
 
 from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import dtensor_ops
+from keras.src.backend.torch.distribution import generation
 from keras.src.backend.torch.distribution import recompute
 from keras.src.backend.torch.distribution import variables
 from keras.src.backend.torch.keras_edits import edit
@@ -103,11 +107,28 @@ def _recomputed_in_context(upstream):
     return remat
 
 
+def _agreed_while_loop(upstream):
+    def while_loop(cond, body, loop_vars, maximum_iterations=None):
+        """Stands for `while_loop`: while a rank generates its own rows,
+        the loop goes on while `cond` holds on any rank."""
+        rows = generation.generating_rows()
+        if rows is not None:
+
+            def agreed(*values):
+                return generation.agreed_condition(cond(*values), rows)
+
+            return upstream(agreed, body, loop_vars, maximum_iterations)
+        return upstream(cond, body, loop_vars, maximum_iterations)
+
+    return while_loop
+
+
 def apply(core_module):
     variable = core_module.Variable
     edit(core_module, "convert_to_numpy", _convert_to_numpy)
     edit(core_module, "slice_update", _aligned_slice_update)
     edit(core_module, "remat", _recomputed_in_context)
+    edit(core_module, "while_loop", _agreed_while_loop)
     edit(variable, "_initialize", lambda upstream: _initialize)
     edit_property(variable, "value", _value_property)
     edit(variable, "_convert_to_tensor", _variable_convert_to_tensor)
