@@ -47,6 +47,10 @@ from keras.src.backend.common.variables import get_autocast_scope
 # Every `step_state()` made so far.
 STEP_STATES = []
 
+# How deep this thread is in rematerialized calls (their forward pass or
+# their recomputation); not a step state, which recomputations replace.
+_rematerialized = threading.local()
+
 
 def step_state():
     """A new `threading.local` for a module's per-thread step state, which
@@ -61,8 +65,12 @@ def remat(f, upstream):
     its forward call."""
 
     def in_context(context, *args, **kwargs):
-        with context():
-            return f(*args, **kwargs)
+        _rematerialized.depth = in_rematerialized() + 1
+        try:
+            with context():
+                return f(*args, **kwargs)
+        finally:
+            _rematerialized.depth -= 1
 
     checkpointed = upstream(in_context)
     unchanged = upstream(f)
@@ -76,6 +84,11 @@ def remat(f, upstream):
             return checkpointed(context, *args, **kwargs)
 
     return wrapped
+
+
+def in_rematerialized():
+    """How many rematerialized calls this thread is in (0: none)."""
+    return getattr(_rematerialized, "depth", 0)
 
 
 def forward_context():

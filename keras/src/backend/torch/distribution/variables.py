@@ -22,9 +22,9 @@
   (`gathering_over`).
 - `convert_to_numpy` (hence `variable.numpy()`, `get_weights()`,
   `predict`) gathers a DTensor's full value. It is a collective: every rank
-  calls it, as every rank runs the same Keras program. A save gathers
-  every value ahead, on every rank, then serves them to rank 0's writer
-  (`gathered_ahead`).
+  calls it, as every rank runs the same Keras program. In a save, rank 0
+  receives each split value from the other ranks as its writer asks for
+  it (`serving`, `saving/rank_zero_values.py`).
 """
 
 import contextlib
@@ -38,6 +38,7 @@ from keras.src.backend.common import global_state
 from keras.src.backend.torch import distribution_lib
 from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import dtensor_ops
+from keras.src.backend.torch.distribution import gathered_weights
 from keras.src.backend.torch.distribution import process_group
 from keras.src.backend.torch.distribution import recompute
 from keras.src.backend.torch.distribution.saving.h5_partial_read import (
@@ -185,7 +186,7 @@ def reads_local_values():
 
 
 @contextlib.contextmanager
-def gathering_over(axis):
+def gathering_over(axis, releases=True):
     """Inside, in this thread, a variable split over mesh axis `axis` reads
     as its value gathered over that axis, as FSDP gathers it.
 
@@ -197,30 +198,79 @@ def gathering_over(axis):
     compute the whole batch. The gather is a differentiable redistribution:
     its gradient comes back reduce-scattered, laid out like the weight.
 
-    Its memory, as FSDP's mixed precision has it: under a mixed precision
-    policy the block is cast to the compute dtype first, so the gather
-    moves and makes half the bytes; and a gathered weight lives while
-    something uses it (reads share it meanwhile, a later read gathers
-    again), not until the forward pass ends. What backward saves of it
-    stays until backward has used it: it is not gathered again there, as
-    FSDP's `reshard_after_forward` would.
+    Its memory, as FSDP's has it: under a mixed precision policy the block
+    is cast to the compute dtype first, so the gather moves and makes half
+    the bytes; a gathered weight lives while something uses it (reads
+    share it meanwhile, a later read gathers again); and when the forward
+    pass ends, its memory is released, and what backward saved of it is
+    gathered again when backward uses it (`gathered_weights`), where
+    `releases` (some weight is split over `axis`: the hook that gathers
+    again would otherwise only stand in the way of remat's own).
     """
     _local.gather_axis = axis
     _local.gathered = weakref.WeakValueDictionary()
+    _local.read_in_calls = [[]]
+    hooks = (
+        gathered_weights.restored_in_backward()
+        if releases
+        else contextlib.nullcontext()
+    )
     try:
-        yield
+        with hooks:
+            yield
     finally:
-        _local.gather_axis = _local.gathered = None
+        for gathered in _local.read_in_calls[0]:
+            gathered_weights.release(gathered)
+        _local.gather_axis = _local.gathered = _local.read_in_calls = None
+
+
+def any_split_over(variables_, axis):
+    """Whether any of `variables_` holds a DTensor split over mesh axis
+    `axis`."""
+    for variable in variables_:
+        value = variable._value
+        if not isinstance(value, DTensor):
+            continue
+        names = value.device_mesh.mesh_dim_names or ()
+        if axis in names and value.placements[names.index(axis)].is_shard():
+            return True
+    return False
+
+
+def gathers_weights():
+    """Whether this thread is in `gathering_over`."""
+    return getattr(_local, "gather_axis", None) is not None
+
+
+def released_after(call):
+    """`call()` (a layer's call, in `gathering_over`); the weights gathered
+    for it are released when it returns (FSDP frees each module's weights
+    after its forward), but those its outputs share memory with, which
+    wait for the enclosing call. Inside rematerialized calls nothing is
+    released: their forward saves nothing, and their recomputation is
+    read by backward after it returns."""
+    if recompute.in_rematerialized():
+        return call()
+    _local.read_in_calls.append([])
+    try:
+        outputs = call()
+    finally:
+        read = _local.read_in_calls.pop()
+    kept = gathered_weights.storages_of(outputs)
+    for gathered in read:
+        if gathered_weights.storage_id(gathered) in kept:
+            _local.read_in_calls[-1].append(gathered)
+        else:
+            gathered_weights.release(gathered)
+    return outputs
 
 
 def _gathered(variable, axis):
     """`variable`'s value, cast as its reads are (autocast), then gathered
     over `axis`; None when it is not split over `axis`."""
-    value = variable._value
-    names = value.device_mesh.mesh_dim_names or ()
-    if axis not in names or not value.placements[names.index(axis)].is_shard():
+    if not any_split_over([variable], axis):
         return None
-    return dtensor_ops.gathered_weight(variable._maybe_autocast(value), axis)
+    return gathered_weights.gather(variable, axis)
 
 
 def stand_in(variable):
@@ -242,11 +292,19 @@ def stand_in(variable):
         return None
     key = id(variable)
     gathered = _local.gathered.get(key)
-    if gathered is None:
+    if gathered is not None:
+        # Read again after its release: gathered again.
+        gathered = gathered_weights.restored(gathered)
+    else:
         gathered = _gathered(variable, axis)
         if gathered is None:
             return None
         _local.gathered[key] = gathered
+    if not recompute.in_rematerialized():
+        # Released after the call that read it (`released_after`). A
+        # rematerialized call saves none of it, and its recomputation
+        # needs it until its backward is done: there nothing holds it.
+        _local.read_in_calls[-1].append(gathered)
     return gathered
 
 
@@ -289,51 +347,25 @@ def readable(variable, value):
 
 def convert_to_numpy(x, upstream):
     """`convert_to_numpy`: a DTensor gives its full value (a collective),
-    or the value gathered ahead for a save."""
-    served = _served(x)
-    if served is not None:
-        return served
+    or what the save in progress serves for `x` (`serving`)."""
+    serve = getattr(_local, "serve", None)
+    if serve is not None:
+        served = serve(x, upstream)
+        if served is not None:
+            return served
     if isinstance(x, (list, tuple)):
         return upstream([dtensor_ops.whole(e) for e in x])
-    return _record(x, upstream(dtensor_ops.whole(x)))
+    return upstream(dtensor_ops.whole(x))
 
 
 @contextlib.contextmanager
-def gathered_ahead(values, record):
-    """Inside, `convert_to_numpy` records into, or serves from, `values`.
-
-    A save gathers in two passes (see `saving.saved_values`). In the
-    first, on every rank, each value converted is gathered as usual and,
-    when `values` is a dict, recorded there as `{id(x): (x, array)}`. In
-    the second, on rank 0 alone, a recorded `x` returns its array; a
-    DTensor not recorded raises, where gathering it on one rank would wait
-    forever.
-    """
-    _local.values, _local.record = values, record
+def serving(serve):
+    """Inside, in this thread, `convert_to_numpy(x)` returns `serve(x,
+    upstream convert_to_numpy)` unless that is None: a save on rank 0
+    receives split values from the other ranks one at a time
+    (`saving.rank_zero_values`)."""
+    _local.serve = serve
     try:
         yield
     finally:
-        _local.values = _local.record = None
-
-
-def _served(x):
-    """`x`'s recorded array while serving; None otherwise."""
-    values = getattr(_local, "values", None)
-    if values is None or _local.record:
-        return None
-    if id(x) in values:
-        return values[id(x)][1]
-    if isinstance(getattr(x, "value", x), DTensor):
-        raise RuntimeError(
-            f"Saving asked for a sharded value that was not gathered by "
-            f"every process beforehand: {x!r}. Values a save writes must "
-            "be the same objects in every pass over the model."
-        )
-    return None
-
-
-def _record(x, array):
-    values = getattr(_local, "values", None)
-    if values is not None and _local.record:
-        values[id(x)] = (x, array)  # `x` too, so that its id stays its own.
-    return array
+        _local.serve = None

@@ -5,6 +5,7 @@ import contextlib
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
@@ -13,6 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import keras
 from keras.src import testing
 from keras.src.backend.torch.distribution import variables
+from keras.src.testing import allocations
+from keras.src.testing.collectives import Collectives
 from keras.src.testing.multi_process import run_on_processes
 
 
@@ -85,7 +88,9 @@ def global_values():
 
 class LargestTensor(TorchDispatchMode):
     """The most elements of any tensor an op makes, DTensors' local ops
-    included (DTensor runs first, then its ops on blocks come here)."""
+    included (DTensor runs first, then its ops on blocks come here); not
+    fake or meta tensors (DTensor's sharding propagation makes global
+    ones, which hold no memory)."""
 
     def __init__(self):
         super().__init__()
@@ -96,7 +101,11 @@ class LargestTensor(TorchDispatchMode):
             return NotImplemented
         outputs = func(*args, **(kwargs or {}))
         for output in torch.utils._pytree.tree_leaves(outputs):
-            if isinstance(output, torch.Tensor):
+            if (
+                isinstance(output, torch.Tensor)
+                and not output.is_meta
+                and not is_fake(output)
+            ):
                 self.numel = max(self.numel, output.numel())
         return outputs
 
@@ -158,6 +167,20 @@ def constant_model_losses(distribution):
     return history.history["loss"]
 
 
+def _fsdp_scope(distributed):
+    """With `distributed`, a scope whose kernels are split over the batch
+    axis of a (processes, 1) mesh (FSDP's layout); else no scope."""
+    if not distributed:
+        return contextlib.nullcontext()
+    devices = keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh(
+        (len(devices), 1), ["batch", "model"], devices
+    )
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*kernel"] = ("batch", None)
+    return keras.distribution.ModelParallel(layout_map=layout_map).scope()
+
+
 def fsdp_step(policy, distributed=True):
     """Losses of a short fit of an MLP whose kernels are split over the
     batch axis (FSDP's layout), under `policy`; and with `distributed`, a
@@ -166,18 +189,7 @@ def fsdp_step(policy, distributed=True):
 
     keras.mixed_precision.set_global_policy(policy)
     try:
-        scope = contextlib.nullcontext()
-        if distributed:
-            devices = keras.distribution.list_devices()
-            mesh = keras.distribution.DeviceMesh(
-                (len(devices), 1), ["batch", "model"], devices
-            )
-            layout_map = keras.distribution.LayoutMap(mesh)
-            layout_map[".*kernel"] = ("batch", None)
-            scope = keras.distribution.ModelParallel(
-                layout_map=layout_map
-            ).scope()
-        with scope:
+        with _fsdp_scope(distributed):
             keras.utils.set_random_seed(5)
             model = keras.Sequential(
                 [
@@ -214,7 +226,49 @@ def fsdp_step(policy, distributed=True):
         keras.mixed_precision.set_global_policy("float32")
 
 
-class VariableLayoutTest(testing.TestCase):
+DEEP_WIDTH, DEEP_LAYERS = 512, 6
+
+
+def deep_fsdp_step(distributed, remat):
+    """A deep MLP whose kernels (512 x 512, 1 MiB each) are split over the
+    batch axis and frozen (as LoRA freezes them; the biases train, so that
+    a step's memory is mostly the gathered kernels'), on a small batch:
+    its losses over a short fit (every block rematerialized with `remat`);
+    with `distributed`, the CPU allocator's peak during a training step
+    and the step's all-gathers."""
+    with _fsdp_scope(distributed):
+        keras.utils.set_random_seed(5)
+        remat_scope = (
+            keras.RematScope(mode="full") if remat else contextlib.nullcontext()
+        )
+        with remat_scope:
+            layers = [
+                keras.layers.Dense(DEEP_WIDTH, activation="tanh")
+                for _ in range(DEEP_LAYERS)
+            ]
+            model = keras.Sequential(
+                [keras.Input((DEEP_WIDTH,)), *layers, keras.layers.Dense(4)]
+            )
+        for layer in layers:
+            layer.kernel.trainable = False
+        model.compile(
+            optimizer="sgd",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        rng = np.random.RandomState(0)
+        x = rng.normal(size=(16, DEEP_WIDTH)).astype("float32")
+        y = rng.randint(0, 4, (16,))
+        history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        if not distributed:
+            return history.history["loss"], None, None
+        batch = [(x[:8], y[:8], None)]
+        peak = allocations.allocator_peak(lambda: model.train_function(batch))
+        with Collectives() as collectives:
+            model.train_function(batch)
+    return history.history["loss"], peak, collectives.counts.get("all_gather")
+
+
+class ConstantsInBlocksTest(testing.TestCase):
     def test_constants_are_built_block_by_block(self):
         self.assertEqual(variables.constant_of(keras.initializers.Zeros()), 0)
         self.assertEqual(variables.constant_of(keras.initializers.Ones()), 1)
@@ -250,6 +304,7 @@ class VariableLayoutTest(testing.TestCase):
                 result["losses"], result["one_process_losses"], rtol=1e-6
             )
 
+
 class VariableLayoutTest(testing.TestCase):
     def test_layouts(self):
         for result in run_on_processes(2, layouts):
@@ -281,6 +336,31 @@ class VariableLayoutTest(testing.TestCase):
             )
         # Every rank reads the same global value.
         self.assertAllEqual(results[0]["numpy"], results[1]["numpy"])
+
+    def test_gathered_weights_are_freed_after_the_forward_pass(self):
+        # FSDP's `reshard_after_forward`: a gathered kernel's memory is
+        # released when the forward pass ends, and gathered again when
+        # backward needs it (as a rematerialized block gathers it again).
+        gathered_kernels = DEEP_LAYERS * DEEP_WIDTH * DEEP_WIDTH * 4
+        for remat in (False, True):
+            (expected, _, _), *_ = run_on_processes(
+                1, deep_fsdp_step, False, remat
+            )
+            for losses, peak, all_gathers in run_on_processes(
+                2, deep_fsdp_step, True, remat
+            ):
+                self.assertAllClose(losses, expected, rtol=1e-5)
+                if not remat:
+                    # Kept until backward, the 6 gathered kernels alone
+                    # were 6 MiB at the end of the forward pass (the
+                    # step's peak, 6.05 MiB); now one or two at a time
+                    # (2.1 to 3.1 MiB: a kernel gathered again, and the
+                    # gather's own output before it is copied in).
+                    self.assertLess(peak, 0.75 * gathered_kernels)
+                # Each kernel gathered in the forward pass, and again in
+                # backward or in its recomputation, but the first (its
+                # input needs no gradient), plus the outputs.
+                self.assertGreaterEqual(all_gathers, 2 * DEEP_LAYERS, remat)
 
     def test_weights_split_over_the_batch_gather_in_the_compute_dtype(self):
         # FSDP's layout under mixed_bfloat16: each kernel's block is cast

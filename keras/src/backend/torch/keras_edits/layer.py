@@ -3,7 +3,9 @@
 Upstream, `Layer.__call__` runs a call outside a step, recording no
 gradients, under `DataParallel`, on local tensors
 (`distribution/steps/direct_calls.py`): `model(x)` under `torch.no_grad()`
-then runs at one process's speed on every rank.
+then runs at one process's speed on every rank. In a forward pass that
+gathers weights split over the batch axis (FSDP's layout), the weights a
+call gathered are released when it returns (`variables.released_after`).
 
 Upstream, `Layer._assert_input_compatibility` checks nothing inside a
 model-parallel step on local shards (`distribution/steps/local_shards.py`):
@@ -14,6 +16,7 @@ of the same kind, which the local steps repeat.
 """
 
 from keras.src.backend.torch.distribution import contraction_plan
+from keras.src.backend.torch.distribution import variables
 from keras.src.backend.torch.distribution.steps import direct_calls
 from keras.src.backend.torch.keras_edits import edit
 
@@ -22,10 +25,14 @@ def _call(upstream):
     def __call__(self, *args, **kwargs):
         """Stands for `Layer.__call__`."""
         scope = direct_calls.scope_for_call()
-        if scope is None:
-            return upstream(self, *args, **kwargs)
-        with scope:
-            return upstream(self, *args, **kwargs)
+        if scope is not None:
+            with scope:
+                return upstream(self, *args, **kwargs)
+        if variables.gathers_weights():
+            return variables.released_after(
+                lambda: upstream(self, *args, **kwargs)
+            )
+        return upstream(self, *args, **kwargs)
 
     return __call__
 

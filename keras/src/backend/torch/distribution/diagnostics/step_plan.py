@@ -52,6 +52,7 @@ from torch.utils._pytree import tree_leaves
 
 from keras.src import tree
 from keras.src.backend.torch import random as torch_random
+from keras.src.backend.torch.distribution import gathered_weights
 from keras.src.backend.torch.distribution import process_group
 from keras.src.backend.torch.distribution.steps import route
 from keras.src.backend.torch.torch_edits import fake_tensors
@@ -97,6 +98,25 @@ class StepRecorder(TorchDispatchMode):
             yield
         finally:
             self.recording = True
+
+    def __enter__(self):
+        gathered_weights.OBSERVERS.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exception):
+        gathered_weights.OBSERVERS.remove(self)
+        return super().__exit__(*exception)
+
+    def resized(self, storage, nbytes):
+        """A tracked storage's memory released or taken again (FSDP's
+        gathered weights, `gathered_weights`): no op shows it."""
+        finalizer = self.tracked.get(id(storage))
+        if not self.recording or finalizer is None or not finalizer.alive:
+            return
+        _, _, (before,), _ = finalizer.detach()
+        self.live += nbytes - before
+        self.peak = max(self.peak, self.live)
+        self.tracked[id(storage)] = weakref.finalize(storage, self._free, nbytes)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(t not in (torch.Tensor, FakeTensor) for t in types):

@@ -28,6 +28,7 @@ import keras
 from keras.src import testing
 from keras.src.backend.torch.distribution import plan
 from keras.src.backend.torch.distribution.diagnostics import step_plan
+from keras.src.testing import allocations
 from keras.src.testing import distribution_test_models as models
 from keras.src.testing.multi_process import run_on_processes
 
@@ -197,29 +198,6 @@ DISTRIBUTED_CALLS = (
 )
 
 
-def allocator_peak(step):
-    """The peak of the bytes the CPU allocator holds above its level when
-    `step()` starts, from torch.profiler's memory events."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(
-        activities=activities, profile_memory=True
-    ) as profile:
-        step()
-    events = sorted(
-        (
-            e
-            for e in profile.profiler.kineto_results.events()
-            if e.name() == "[memory]"
-        ),
-        key=lambda e: e.start_ns(),
-    )
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def counted_collectives(step):
     """The collectives of `step()` by kind, as CommDebugMode counts them
     (DTensor's functional collectives and c10d's ops), and the number of
@@ -283,7 +261,7 @@ def planned_and_measured(kind, model_name):
             peaks = []
             for _ in range(3):
                 gc.collect()
-                peaks.append(allocator_peak(step))
+                peaks.append(allocations.allocator_peak(step))
             counts, direct, calls = counted_collectives(step)
             gc.collect()
             recorder = step_plan.StepRecorder()

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import keras
 from keras.src import testing
 from keras.src.backend.torch.distribution.saving import single_writer
+from keras.src.testing import allocations
 from keras.src.testing import checkpoint_models as cm
 from keras.src.testing import multi_process
 from keras.src.testing.multi_process import run_on_processes
@@ -76,6 +77,22 @@ def load_bfloat16_in_blocks(path):
         keras.distribution.set_distribution(None)
     kernel = model.get_layer("wide").kernel.value
     return kernel.to_local().detach().float().numpy(), reads
+
+
+def save_and_measure(path):
+    """Saves a model on 1x2 whose wide kernel (512 x 1024 float32, 2 MiB)
+    and Adam's two slots of it are split; returns the CPU allocator's peak
+    on this rank during the second save (the first warms up), and the
+    model's global state."""
+    _set("1x2")
+    model = cm.model(width=1024, features=512)
+    model.optimizer.build(model.trainable_variables)
+    try:
+        model.save(path)
+        peak = allocations.allocator_peak(lambda: model.save(path))
+        return peak, cm.state(model)
+    finally:
+        keras.distribution.set_distribution(None)
 
 
 def save_failing_on_rank_0(path, crash):
@@ -266,6 +283,23 @@ class SingleFileCheckpointTest(testing.TestCase):
             np.testing.assert_array_equal(
                 block, expected[:, rank * 512 : (rank + 1) * 512]
             )
+
+    def test_rank_0_holds_one_value_at_a_time_and_others_copy_nothing(self):
+        path = os.path.join(self.get_temp_dir(), "m.keras")
+        kernel_bytes = 512 * 1024 * 4  # The largest value, whole.
+        (rank_0, expected), (rank_1, _) = run_on_processes(
+            2, save_and_measure, path
+        )
+        # The kernel and its two slots are 3 such values: holding them all,
+        # as rank 0 did when every value was gathered ahead, is 3 times
+        # this. Rank 0 holds one whole value and one received block.
+        self.assertLessEqual(rank_0, 1.6 * kernel_bytes)
+        self.assertGreaterEqual(rank_0, kernel_bytes)
+        # Rank 1 sends its blocks from its variables (it gathered every
+        # whole value before, the kernel's 2 MiB at least).
+        self.assertLess(rank_1, 0.1 * kernel_bytes)
+        loaded = keras.saving.load_model(path)
+        cm.assert_states_equal(cm.state(loaded), expected)
 
     def test_a_failed_write_raises_everywhere_and_keeps_the_previous(self):
         path = os.path.join(tempfile.mkdtemp(), "w.weights.h5")

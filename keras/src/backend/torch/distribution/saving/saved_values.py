@@ -4,15 +4,19 @@ Every process calls `model.save`, `save_weights`, `load_model` and
 `load_weights`, as on JAX, and the files are those one process would
 write. A save runs in three passes:
 
-1. Every rank walks the model as the save will, gathering each value it
-   writes (`convert_to_numpy`; the only collectives), and writes nothing.
-2. Rank 0 runs Keras's own save, fed the gathered values, into a
-   temporary file next to the target, which it then renames over the
-   target (`single_writer.atomic_path`; remote paths, directories and
-   sharded `.weights.json` files are written in place).
+1. Every rank walks the model as the save will, listing the values it
+   writes that are split over the mesh; nothing is gathered.
+2. Rank 0 runs Keras's own save into a temporary file next to the target,
+   which it then renames over the target (`single_writer.atomic_path`;
+   remote paths, directories and sharded `.weights.json` files are written
+   in place). Each split value reaches it when Keras asks for it: the
+   other ranks send their blocks, one value at a time
+   (`rank_zero_values`), so that rank 0 holds one whole value at a time
+   and the other ranks copy nothing.
 3. Every rank learns how rank 0 fared, and raises if it failed.
 
-A write error can therefore never leave ranks in different collectives.
+A write error still takes every value left, so it never leaves ranks
+waiting for each other.
 Loading reads the file on every rank (a path all processes see) and
 raises on every rank when one failed. On several processes, a large
 weight is handed to its variable unread (`h5_partial_read`), so that a
@@ -21,10 +25,10 @@ sharded variable reads only its block.
 
 import io
 
-from keras.src.backend.torch.distribution import backend_core
 from keras.src.backend.torch.distribution import process_group
 from keras.src.backend.torch.distribution import variables
 from keras.src.backend.torch.distribution.saving import h5_partial_read
+from keras.src.backend.torch.distribution.saving import rank_zero_values
 from keras.src.backend.torch.distribution.saving import single_writer
 from keras.src.saving import saving_lib
 from keras.src.utils import file_utils
@@ -81,19 +85,6 @@ def walk_saved_values(model, visit, objects_to_skip=None):
     )
 
 
-def gather_saved_values(model, objects_to_skip=None):
-    """Pass 1: every value a save of `model` converts, gathered by every
-    rank; recorded on rank 0 as `{id(object): (object, array)}`."""
-    values = {} if process_group.is_rank_zero() else None
-    with variables.gathered_ahead(values, record=True):
-        walk_saved_values(
-            model,
-            lambda name, value: backend_core.convert_to_numpy(value),
-            objects_to_skip,
-        )
-    return values
-
-
 def save_once(save, model, filepath, what, objects_to_skip=None):
     """`save(target)`, for a save of `model` to `filepath`, as one process
     would: passes 1 to 3 (see the module docstring) on several processes,
@@ -101,16 +92,25 @@ def save_once(save, model, filepath, what, objects_to_skip=None):
     if not process_group.is_multi_process():
         return save(filepath)
     single_writer.all_arrive(what)
-    values = gather_saved_values(model, objects_to_skip)
+    split = rank_zero_values.listed(
+        lambda visit: walk_saved_values(model, visit, objects_to_skip)
+    )
 
     def write():
-        with variables.gathered_ahead(values, record=False):
-            if not _is_local_file(filepath):
-                return save(filepath)
-            with single_writer.atomic_path(filepath, ATOMIC_SUFFIXES) as target:
-                return save(target)
+        try:
+            with variables.serving(split.serve):
+                if not _is_local_file(filepath):
+                    return save(filepath)
+                with single_writer.atomic_path(
+                    filepath, ATOMIC_SUFFIXES
+                ) as target:
+                    return save(target)
+        finally:
+            split.drain()
 
-    return single_writer.on_writer(write, f"{filepath!r}")
+    return single_writer.on_writer(
+        write, f"{filepath!r}", follow=split.send_all
+    )
 
 
 def load_everywhere(load, what):

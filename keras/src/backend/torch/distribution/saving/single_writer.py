@@ -34,7 +34,9 @@ from keras.src.backend.torch.distribution import process_group
 _arrivals = [0]
 _writes = [0]
 
-# How often a rank waiting for the writer asks whether it is done.
+# How often a rank waiting for the writer asks whether it is done (or
+# whether it wants the next value), at first and at most.
+FIRST_POLL_SECONDS = 0.001
 POLL_SECONDS = 0.5
 
 
@@ -65,12 +67,14 @@ def all_arrive(what):
         ) from error
 
 
-def on_writer(write, what):
+def on_writer(write, what, follow=None):
     """Runs `write()` on rank 0; raises its failure on every rank.
 
     Args:
         write: a function of no arguments; its result is returned on rank 0.
         what: what is written, for the error on the other ranks.
+        follow: a function of no arguments that the other ranks run while
+            rank 0 writes (sending it what it writes), or None.
 
     Returns:
         `write()`'s result on rank 0, None on the other ranks.
@@ -85,7 +89,9 @@ def on_writer(write, what):
         store.set(done, "1")
     else:
         result, error = None, None
-        _wait_without_limit(store, done)
+        if follow is not None:
+            follow()
+        wait_without_limit(store, done)
     # Every rank is here: no wait left for the timeout to bound.
     outcome = process_group.agree(described(error))
     if error is None and outcome is not None:
@@ -95,14 +101,17 @@ def on_writer(write, what):
     return result
 
 
-def _wait_without_limit(store, key):
+def wait_without_limit(store, key):
     """Returns once `key` is set in `store`; raises if the store is gone.
 
     It asks rather than waits: a store's client serves one request at a
     time, and a long wait would hold back this rank's heartbeat
-    (`failure_watch`), which the others would take for a death."""
+    (`failure_watch`), which the others would take for a death. It asks
+    at once, then less and less often, up to every `POLL_SECONDS`."""
+    pause = FIRST_POLL_SECONDS
     while not store.check([key]):
-        time.sleep(POLL_SECONDS)
+        time.sleep(pause)
+        pause = min(2 * pause, POLL_SECONDS)
 
 
 def attempt(run):

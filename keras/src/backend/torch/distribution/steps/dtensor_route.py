@@ -123,9 +123,13 @@ def replicated_outputs(model, state, batch_axis):
     # torch 2.13's compiler fails on Keras layers over DTensor variables
     # (RecursionError while tracing), so this route runs eagerly.
     call_model = forward.forward_of(model, state, compiled=False)
+    if state.splits_over_batch is None:
+        state.splits_over_batch = variables.any_split_over(
+            model.variables, batch_axis
+        )
 
     def call(*args, **kwargs):
-        with variables.gathering_over(batch_axis):
+        with variables.gathering_over(batch_axis, state.splits_over_batch):
             outputs = call_model(*args, **kwargs)
         if forward.nbytes(outputs) > forward.GATHER_BYTES:
             return outputs

@@ -65,6 +65,8 @@ class StepState:
         warned_eager: whether the "runs eagerly" warning was given.
         layout_checked: whether the layout report ran.
         train_steps: training steps run (for the replica check).
+        splits_over_batch: whether some variable is split over the batch
+            axis (FSDP's layout), once the DTensor route has looked.
     """
 
     def __init__(self):
@@ -76,6 +78,7 @@ class StepState:
         self.warned_eager = False
         self.layout_checked = False
         self.train_steps = 0
+        self.splits_over_batch = None
 
 
 def state_of(model):
