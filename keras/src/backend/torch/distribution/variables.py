@@ -209,7 +209,7 @@ def gathering_over(axis, releases=True):
     """
     _local.gather_axis = axis
     _local.gathered = weakref.WeakValueDictionary()
-    _local.read_in_calls = [[]]
+    _local.read_in_calls = [[]] if releases else None
     hooks = (
         gathered_weights.restored_in_backward()
         if releases
@@ -219,7 +219,7 @@ def gathering_over(axis, releases=True):
         with hooks:
             yield
     finally:
-        for gathered in _local.read_in_calls[0]:
+        for gathered in (_local.read_in_calls or [[]])[0]:
             gathered_weights.release(gathered)
         _local.gather_axis = _local.gathered = _local.read_in_calls = None
 
@@ -238,8 +238,9 @@ def any_split_over(variables_, axis):
 
 
 def gathers_weights():
-    """Whether this thread is in `gathering_over`."""
-    return getattr(_local, "gather_axis", None) is not None
+    """Whether this thread is in a `gathering_over` that releases the
+    weights it gathers."""
+    return getattr(_local, "read_in_calls", None) is not None
 
 
 def released_after(call):
@@ -256,6 +257,8 @@ def released_after(call):
         outputs = call()
     finally:
         read = _local.read_in_calls.pop()
+    if not read:
+        return outputs
     kept = gathered_weights.storages_of(outputs)
     for gathered in read:
         if gathered_weights.storage_id(gathered) in kept:
@@ -300,7 +303,7 @@ def stand_in(variable):
         if gathered is None:
             return None
         _local.gathered[key] = gathered
-    if not recompute.in_rematerialized():
+    if gathers_weights() and not recompute.in_rematerialized():
         # Released after the call that read it (`released_after`). A
         # rematerialized call saves none of it, and its recomputation
         # needs it until its backward is done: there nothing holds it.

@@ -122,6 +122,8 @@ TORCH_USED = (
     # DTensor's own convolution handlers, removed (`op_strategies`).
     ("torch.distributed.tensor", "DTensor._op_dispatcher._custom_op_handlers"),
     ("torch.distributed.tensor", "DTensor._local_tensor"),
+    # A storage's identity, shared by views (`gathered_weights`).
+    ("torch", "UntypedStorage._cdata"),
     ("torch.distributed.tensor._dtensor_spec", "DTensorSpec"),
     ("torch.distributed.tensor._op_schema", "OpSchema"),
     ("torch.distributed.tensor._op_schema", "OutputSharding"),

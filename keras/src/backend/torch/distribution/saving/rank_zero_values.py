@@ -36,6 +36,11 @@ from keras.src.backend.torch.distribution.saving import single_writer
 
 _saves = itertools.count(1)
 
+# How often, at most, a rank asks whether rank 0 wants the next value: a
+# value's turn comes while rank 0 writes, so a short wait keeps rank 0
+# from waiting for the sender.
+TURN_POLL_SECONDS = 0.05
+
 
 class Block(NamedTuple):
     """The part of a global tensor that one rank holds."""
@@ -180,7 +185,9 @@ class SplitValues:
         """Every other rank: sends its blocks, each value on its turn."""
         store = dist.distributed_c10d._get_default_store()
         for k, x in enumerate(self.values):
-            single_writer.wait_without_limit(store, f"{self.key}/{k}")
+            single_writer.wait_without_limit(
+                store, f"{self.key}/{k}", TURN_POLL_SECONDS
+            )
             send_to_rank_zero(split_value(x))
 
 

@@ -34,8 +34,8 @@ from keras.src.backend.torch.distribution import process_group
 _arrivals = [0]
 _writes = [0]
 
-# How often a rank waiting for the writer asks whether it is done (or
-# whether it wants the next value), at first and at most.
+# How often a rank waiting for the writer asks whether it is done, at
+# first and at most.
 FIRST_POLL_SECONDS = 0.001
 POLL_SECONDS = 0.5
 
@@ -101,17 +101,18 @@ def on_writer(write, what, follow=None):
     return result
 
 
-def wait_without_limit(store, key):
+def wait_without_limit(store, key, longest_pause=POLL_SECONDS):
     """Returns once `key` is set in `store`; raises if the store is gone.
 
     It asks rather than waits: a store's client serves one request at a
     time, and a long wait would hold back this rank's heartbeat
     (`failure_watch`), which the others would take for a death. It asks
-    at once, then less and less often, up to every `POLL_SECONDS`."""
+    at once, then less and less often, up to every `longest_pause`
+    seconds."""
     pause = FIRST_POLL_SECONDS
     while not store.check([key]):
         time.sleep(pause)
-        pause = min(2 * pause, POLL_SECONDS)
+        pause = min(2 * pause, longest_pause)
 
 
 def attempt(run):
