@@ -1,5 +1,5 @@
 """Weights split over the batch axis (FSDP's layout): gathered for the
-forward pass, freed after it, gathered again in backward.
+layer call that reads it, freed after it, gathered again in backward.
 
 A forward pass on the DTensor route reads such a weight as its value
 gathered over the batch axis (`variables.gathering_over`). What backward
@@ -7,10 +7,11 @@ needs of it (the weight itself, or a view of it: a transpose, a reshape
 inside `einsum`) is saved by autograd, and kept the whole gathered weight
 alive until backward had used it: for an 8B model, up to 32 GB per rank.
 FSDP's `reshard_after_forward` frees it instead, and so does this module,
-the way FSDP2 does: when the forward pass ends, the gathered weight's
-memory is released (its storage resized to nothing) while the tensors that
-autograd saved keep their shapes; when backward unpacks a saved tensor
-whose storage was released, the weight is gathered again into it. Views
+the way FSDP2 does: when the layer call that read it returns, the gathered
+weight's memory is released (its storage resized to nothing) while the
+tensors that autograd saved keep their shapes; when backward unpacks a
+saved tensor whose storage was released, the weight is gathered again
+into it. Views
 share that storage, so they come back with it. A rematerialized block
 reads the weight again in its recomputation and so gathers it again too.
 
@@ -76,8 +77,8 @@ def _storage(tensor):
 
 def release(gathered):
     """Frees `gathered`'s memory, where it is a gathered weight (after the
-    forward pass); what autograd saved of it is gathered again when
-    backward unpacks it (`restored`)."""
+    layer call that read it); what autograd saved of it is gathered again
+    when backward unpacks it (`restored`)."""
     source = getattr(gathered, "keras_gathered_source", None)
     if source is None:
         return

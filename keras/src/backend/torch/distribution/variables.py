@@ -201,11 +201,12 @@ def gathering_over(axis, releases=True):
     Its memory, as FSDP's has it: under a mixed precision policy the block
     is cast to the compute dtype first, so the gather moves and makes half
     the bytes; a gathered weight lives while something uses it (reads
-    share it meanwhile, a later read gathers again); and when the forward
-    pass ends, its memory is released, and what backward saved of it is
-    gathered again when backward uses it (`gathered_weights`), where
-    `releases` (some weight is split over `axis`: the hook that gathers
-    again would otherwise only stand in the way of remat's own).
+    share it meanwhile, a later read gathers again); and, with `releases`
+    (some weight is split over `axis`), its memory is released when the
+    layer call that read it returns (`released_after`), and what backward
+    saved of it is gathered again when backward uses it
+    (`gathered_weights`). Without, the hook that gathers again would only
+    stand in the way of remat's own.
     """
     _local.gather_axis = axis
     _local.gathered = weakref.WeakValueDictionary()
@@ -219,8 +220,9 @@ def gathering_over(axis, releases=True):
         with hooks:
             yield
     finally:
-        for gathered in (_local.read_in_calls or [[]])[0]:
-            gathered_weights.release(gathered)
+        if releases:  # What the model's own call read, outside any layer.
+            for gathered in _local.read_in_calls[0]:
+                gathered_weights.release(gathered)
         _local.gather_axis = _local.gathered = _local.read_in_calls = None
 
 
